@@ -1,0 +1,135 @@
+"""Held-out evaluation shared by every stage: batched generation with the KV cache, then the
+task's verifier. Greedy accuracy, sampled pass@1 and pass@k, and generated-token cost."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+
+from pipeline.models import router_logits_off
+from pipeline.tokenizer import stop_token_ids
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # mean verifier reward over every sample (pass@1)
+    pass_at_k: dict[int, float]
+    tokens_per_problem: float  # generated tokens per problem, all samples counted
+    num_problems: int
+    completions: list[list[str]] = field(repr=False)
+
+    def as_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        metrics = {f"{prefix}_accuracy": self.accuracy, f"{prefix}_tokens_per_problem": self.tokens_per_problem}
+        metrics.update({f"{prefix}_pass@{k}": v for k, v in self.pass_at_k.items() if k > 1})
+        return metrics
+
+
+def render_prompts(tokenizer, task, prompts: list[str], prompt_format: str) -> list[str]:
+    """`text`: the pretraining format ("Q: ...\\n"); `chat`: the tokenizer's chat template."""
+    if prompt_format == "text":
+        return [task.text_prompt(p) for p in prompts]
+    if prompt_format == "chat":
+        if not tokenizer.chat_template:
+            raise ValueError("the tokenizer has no chat template; chat-format evaluation needs one")
+        return [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    raise ValueError(f"prompt_format={prompt_format!r}; valid: text, chat")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    temperature: float = 0.0,
+    num_samples: int = 1,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+) -> tuple[list[list[str]], list[list[int]]]:
+    """Completions (and their generated-token counts) for each prompt, `num_samples` each.
+
+    temperature 0 means greedy. Sampling is pure ancestral sampling (no top-k/top-p), so
+    "temperature 1" is the model's own distribution.
+    """
+    stops = stop_token_ids(tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=0 if temperature > 0 else None,
+        top_p=1.0 if temperature > 0 else None,
+        num_return_sequences=num_samples,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    texts: list[list[str]] = []
+    counts: list[list[int]] = []
+    try:
+        with router_logits_off(model):
+            for start in range(0, len(prompts), batch_size):
+                batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+                batch = batch.to(model.device)
+                out = model.generate(**batch, generation_config=config)
+                new = out[:, batch["input_ids"].shape[1] :]
+                for i in range(0, new.shape[0], num_samples):
+                    rows = new[i : i + num_samples]
+                    lengths = [generated_length(row, stops) for row in rows]
+                    texts.append([tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths)])
+                    counts.append(lengths)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return texts, counts
+
+
+def generated_length(row: torch.Tensor, stops: list[int]) -> int:
+    """Tokens generated up to and including the first stop token (the rest is padding)."""
+    hits = torch.isin(row, torch.tensor(stops, device=row.device)).nonzero()
+    return int(hits[0, 0]) + 1 if len(hits) else int(row.numel())
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task,
+    problems: list[dict],
+    *,
+    prompt_format: str = "chat",
+    temperature: float = 0.0,
+    num_samples: int = 1,
+    ks: tuple[int, ...] = (1,),
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+) -> EvalResult:
+    prompts = render_prompts(tokenizer, task, [p["prompt"] for p in problems], prompt_format)
+    texts, counts = generate(
+        model, tokenizer, prompts, temperature=temperature, num_samples=num_samples,
+        max_new_tokens=max_new_tokens, batch_size=batch_size,
+    )
+    rewards = [[task.verify(t, p["answer"]) for t in samples] for samples, p in zip(texts, problems)]
+    n = len(problems)
+    correct = [sum(r >= 1.0 for r in row) for row in rewards]
+    return EvalResult(
+        accuracy=sum(map(sum, rewards)) / (n * num_samples),
+        pass_at_k={k: sum(pass_at_k(num_samples, c, k) for c in correct) / n for k in ks if k <= num_samples},
+        tokens_per_problem=sum(map(sum, counts)) / n,
+        num_problems=n,
+        completions=texts,
+    )

@@ -1,0 +1,58 @@
+"""The run report: one table of every finished stage's metrics, plus each stage's plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import artifacts
+
+
+def format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_report(run_dir: Path, stage_order: list[str]) -> Path:
+    present = [d.name for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / artifacts.MANIFEST).exists()]
+    order = [s for s in stage_order if s in present] + [s for s in present if s not in stage_order]
+    lines = ["# Run report", "", f"Run directory: `{run_dir}`", "", "| stage | status | wall time (s) | metric | value |", "| --- | --- | --- | --- | --- |"]
+    plots = []
+    for stage in order:
+        manifest = artifacts.read_manifest(run_dir / stage) or {}
+        metrics = artifacts.read_metrics(run_dir / stage) or {}
+        status = manifest.get("status", "?")
+        wall = format_value(manifest.get("wall_time_s", ""))
+        if not metrics:
+            lines.append(f"| {stage} | {status} | {wall} | | |")
+        for i, (name, value) in enumerate(sorted(metrics.items())):
+            head = f"| {stage} | {status} | {wall} " if i == 0 else "| | | "
+            lines.append(f"{head}| {name} | {format_value(value)} |")
+        plots += sorted((run_dir / stage).glob("*.png"))
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in plots]
+    path = run_dir / "report.md"
+    artifacts.write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def plot_curves(path: Path, curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str) -> Path:
+    """Save a line plot of named (x, y) curves as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=name, marker="." if len(xs) < 30 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

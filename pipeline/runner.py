@@ -1,0 +1,207 @@
+"""The orchestrator: walks run.stages, resolves each stage's input, skips finished stages,
+resumes interrupted ones, and writes manifests, metrics and the report.
+
+A stage recipe is the module `stages.<name>` with:
+    SPLITS  task splits it reads (checked before any compute starts)
+    USES    top-level config groups that change its result (part of its config hash)
+    run(ctx: StageContext) -> dict[str, float]   trains, saves final/, returns metrics
+Its config lives at conf/stages/<name>.yaml; `init` sets its input checkpoint explicitly and
+`input_stage` names the stage whose final/ it starts from by default.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import artifacts, distributed
+from pipeline.report import write_report
+from pipeline.tasks import Task, build_task
+
+# the canonical chain; the report lists stages in this order
+STAGE_ORDER = ["pretrain", "sft", "reward", "dpo", "grpo", "test_time"]
+
+
+class ConfigError(ValueError):
+    """Bad input, caught before any compute starts."""
+
+
+@dataclass
+class StageContext:
+    name: str
+    cfg: DictConfig  # the whole composed config, read-only
+    stage_cfg: DictConfig
+    run_dir: Path
+    stage_dir: Path
+    input_path: Path | None  # checkpoint to start from; None = build from `model`
+    resume_checkpoint: Path | None  # checkpoint-N of this stage to resume from
+    task: Task
+
+
+@dataclass
+class StagePlan:
+    name: str
+    module: object
+    input_path: Path | None
+    input_fingerprint: str | None
+    config_hash: str
+
+
+def log(message: str) -> None:
+    if distributed.is_main_process():
+        print(f"[pipeline] {message}", flush=True)
+
+
+def load_stage_module(name: str, cfg: DictConfig):
+    valid = [s for s in STAGE_ORDER if s in cfg.stages] + [s for s in cfg.stages if s not in STAGE_ORDER]
+    if name not in cfg.stages:
+        raise ConfigError(f"unknown stage {name!r} in run.stages; valid stages: {', '.join(valid)}")
+    try:
+        return importlib.import_module(f"stages.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"stages.{name}":
+            raise ConfigError(f"stage {name!r} has a config but no recipe (stages/{name}.py)") from err
+        raise
+
+
+def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None) -> str:
+    payload = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in module.USES}
+    payload["stage"] = OmegaConf.to_container(cfg.stages[name], resolve=True)
+    payload["seed"] = cfg.seed
+    payload["input"] = input_fingerprint
+    return artifacts.config_hash(payload)
+
+
+def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
+    """Check every stage and its input before anything runs; raise ConfigError on bad input."""
+    names = list(cfg.run.stages)
+    if not names:
+        raise ConfigError("run.stages is empty; e.g. run.stages=[pretrain]")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"run.stages lists a stage twice: {names}")
+    plans: list[StagePlan] = []
+    hashes: dict[str, str] = {}  # stage -> config hash, for stages planned in this invocation
+    for name in names:
+        module = load_stage_module(name, cfg)
+        stage_cfg = cfg.stages[name]
+        input_path, fingerprint = resolve_input(cfg, name, stage_cfg, run_dir, hashes)
+        config_hash = stage_hash(cfg, name, module, fingerprint)
+        hashes[name] = config_hash
+        plans.append(StagePlan(name, module, input_path, fingerprint, config_hash))
+    return plans
+
+
+def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) -> tuple[Path | None, str | None]:
+    """(checkpoint path, fingerprint) of a stage's input. The fingerprint is the upstream
+    stage's config hash when the input comes from this run, so a changed upstream reruns
+    everything downstream of it."""
+    if stage_cfg.get("init"):
+        path = Path(str(stage_cfg.init)).expanduser()
+        if not artifacts.is_hf_checkpoint(path):
+            raise ConfigError(
+                f"stages.{name}.init={stage_cfg.init} is not a checkpoint directory (no config.json); "
+                "point it at a Hugging Face model directory or a stage's final/"
+            )
+        return path, f"path:{path.resolve()}"
+    upstream = stage_cfg.get("input_stage")
+    if not upstream:
+        return None, None  # starts from the `model` group (pretrain)
+    final = run_dir / upstream / artifacts.FINAL
+    if upstream in planned:
+        return final, planned[upstream]
+    manifest = artifacts.read_manifest(run_dir / upstream)
+    if manifest and manifest.get("status") == "completed" and artifacts.is_hf_checkpoint(final):
+        return final, manifest["config_hash"]
+    raise ConfigError(
+        f"stage {name!r} starts from {upstream}/final/, which is not in {run_dir} "
+        f"(no completed '{upstream}' stage there). Add {upstream} to run.stages before {name}, "
+        f"or set stages.{name}.init=/path/to/checkpoint"
+    )
+
+
+def prepare_stage_dir(plan: StagePlan, stage_dir: Path, force: bool) -> tuple[str, Path | None]:
+    """Decide what to do with a stage dir, reading only, so every rank decides the same:
+    "skip" (completed, same config), "resume" (interrupted, same config, has a checkpoint),
+    "start" (nothing worth keeping) or "replace" (other config or forced: move the old aside)."""
+    manifest = artifacts.read_manifest(stage_dir)
+    if manifest is None:
+        return "start", None
+    if manifest.get("config_hash") != plan.config_hash:
+        return "replace", None
+    completed = manifest.get("status") == "completed" and artifacts.is_hf_checkpoint(stage_dir / artifacts.FINAL)
+    if completed:
+        return ("replace", None) if force else ("skip", None)
+    checkpoint = artifacts.find_resume_checkpoint(stage_dir)
+    return ("resume", checkpoint) if checkpoint is not None else ("start", None)
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
+    """Run cfg.run.stages in order; returns each stage's metrics."""
+    distributed.state()  # before any Trainer builds an Accelerator
+    run_dir = Path(str(cfg.run.dir)).expanduser().resolve()
+    plans = plan_stages(cfg, run_dir)
+    task = build_task(cfg.task)
+    task.validate(sorted({split for plan in plans for split in plan.module.SPLITS}))
+
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    log(f"run dir {run_dir}; stages: {' -> '.join(p.name for p in plans)}")
+
+    results: dict[str, dict] = {}
+    for plan in plans:
+        results[plan.name] = run_stage(cfg, plan, run_dir, task)
+    return results
+
+
+def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> dict:
+    stage_dir = run_dir / plan.name
+    action, checkpoint = prepare_stage_dir(plan, stage_dir, bool(cfg.run.force))
+    distributed.barrier()  # every rank has read the old state before anyone changes it
+    if action == "skip":
+        log(f"stage {plan.name}: already completed with config {plan.config_hash}, skipping")
+        return artifacts.read_metrics(stage_dir) or {}
+    if distributed.is_main_process():
+        if action == "replace":
+            moved = artifacts.archive_stage_dir(stage_dir, "superseded")
+            log(f"stage {plan.name}: config changed (or forced); previous results moved to {moved}")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "stage": plan.name,
+            "status": "running",
+            "config_hash": plan.config_hash,
+            "input": str(plan.input_path) if plan.input_path else None,
+            "resumed_from": checkpoint.name if checkpoint else None,
+            "started": artifacts.now(),
+            "argv": sys.argv[1:],
+            "versions": artifacts.library_versions(),
+        }
+        artifacts.write_manifest(stage_dir, manifest)
+    distributed.barrier()
+    where = f"resuming from {checkpoint.name}" if checkpoint else "starting"
+    log(f"stage {plan.name}: {where} (input: {plan.input_path or 'model config'})")
+
+    ctx = StageContext(plan.name, cfg, cfg.stages[plan.name], run_dir, stage_dir, plan.input_path, checkpoint, task)
+    start = time.perf_counter()
+    try:
+        metrics = plan.module.run(ctx)
+    except BaseException as err:
+        if distributed.is_main_process():
+            manifest.update(status="failed", ended=artifacts.now(), error=f"{type(err).__name__}: {err}")
+            artifacts.write_manifest(stage_dir, manifest)
+        raise
+    wall = time.perf_counter() - start
+    if distributed.is_main_process():
+        artifacts.write_metrics(stage_dir, metrics)
+        manifest.update(status="completed", ended=artifacts.now(), wall_time_s=round(wall, 1))
+        artifacts.write_manifest(stage_dir, manifest)
+        write_report(run_dir, STAGE_ORDER)
+    distributed.barrier()
+    headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))
+    log(f"stage {plan.name}: completed in {wall:.0f}s; {headline}")
+    return metrics

@@ -1,0 +1,147 @@
+"""Synthetic verifiable arithmetic: multi-step integer +/- with worked steps.
+
+A problem "47+18-9" is written as
+
+    Q: 47+18-9=?
+    47+18=65
+    65-9=56
+    A: 56
+
+Every split is drawn from one seeded stream of distinct questions, so the held-out split is
+disjoint from every training split by construction.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from pipeline.tasks.base import Task
+
+ANSWER_LINE = re.compile(r"^A: (-?\d{1,12})$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str  # "47+18-9"
+    steps: tuple[str, ...]  # ("47+18=65", "65-9=56")
+    answer: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.question}=?"
+
+    def solution(self, steps: tuple[str, ...] | None = None, answer: int | None = None) -> str:
+        steps = self.steps if steps is None else steps
+        answer = self.answer if answer is None else answer
+        return "".join(s + "\n" for s in steps) + f"A: {answer}"
+
+
+def extract_answer(completion: str) -> int | None:
+    """The integer on the first line starting with "A:", or None if that line is malformed.
+
+    Strict on purpose: "A: 56" parses; "A: 56.0", "A:56", "A: 5 6" or "A: 2+3" do not.
+    """
+    for line in completion.split("\n"):
+        if line.startswith("A:"):
+            match = ANSWER_LINE.match(line.rstrip("\r"))
+            return int(match.group(1)) if match else None
+    return None
+
+
+def make_problem(rng: random.Random, min_operands: int, max_operands: int, digits: int, ops: str) -> Problem:
+    n = rng.randint(min_operands, max_operands)
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    operands = [rng.randint(lo, hi) for _ in range(n)]
+    operators = [rng.choice(ops) for _ in range(n - 1)]
+    value, steps = operands[0], []
+    for op, x in zip(operators, operands[1:]):
+        new = value + x if op == "+" else value - x
+        steps.append(f"{value}{op}{x}={new}")
+        value = new
+    question = str(operands[0]) + "".join(op + str(x) for op, x in zip(operators, operands[1:]))
+    return Problem(question, tuple(steps), value)
+
+
+def corrupt(problem: Problem, rng: random.Random) -> tuple[tuple[str, ...], int]:
+    """A plausible wrong worked solution: one step is off by a small amount (or a digit), and
+    the error is carried through the later steps, so the chain looks self-consistent."""
+    numbers = [int(t) for t in re.findall(r"\d+", problem.question)]
+    operators = re.findall(r"[+-]", problem.question)
+    bad_step = rng.randrange(len(operators))
+    delta = rng.choice([-10, -2, -1, 1, 2, 10])
+    value, steps = numbers[0], []
+    for i, (op, x) in enumerate(zip(operators, numbers[1:])):
+        new = value + x if op == "+" else value - x
+        if i == bad_step:
+            new += delta
+        steps.append(f"{value}{op}{x}={new}")
+        value = new
+    return tuple(steps), value
+
+
+class ArithmeticTask(Task):
+    name = "arithmetic"
+
+    def __init__(self, cfg) -> None:
+        if cfg.min_operands < 2 or cfg.max_operands < cfg.min_operands:
+            raise ValueError(
+                f"task.min_operands={cfg.min_operands}, task.max_operands={cfg.max_operands}: "
+                "need 2 <= min_operands <= max_operands"
+            )
+        if not 1 <= cfg.digits <= 6 or not cfg.ops or set(cfg.ops) - set("+-"):
+            raise ValueError(f"task.digits must be 1..6 and task.ops a non-empty subset of '+-', got {cfg.digits}, {cfg.ops!r}")
+        self.cfg = cfg
+        sizes = {s: int(cfg[f"n_{s}"]) for s in ("eval", "pretrain", "sft", "preference", "rl")}
+        shape = (int(cfg.min_operands), int(cfg.max_operands), int(cfg.digits), str(cfg.ops))
+        rng = random.Random(cfg.seed)
+        seen: set[str] = set()
+        self._splits: dict[str, list[Problem]] = {}
+        # eval first, so changing a training size never changes the held-out problems
+        for split, size in sizes.items():
+            problems: list[Problem] = []
+            attempts = 0
+            while len(problems) < size:
+                attempts += 1
+                if attempts > 20 * size + 1000:
+                    raise ValueError(f"task: cannot draw {size} distinct '{split}' problems; raise digits or max_operands")
+                p = make_problem(rng, *shape)
+                if p.question not in seen:
+                    seen.add(p.question)
+                    problems.append(p)
+            self._splits[split] = problems
+        self._rng = random.Random(cfg.seed + 1)
+
+    def problems(self, split: str) -> list[Problem]:
+        return self._splits[split]
+
+    def text_prompt(self, prompt: str) -> str:
+        return f"Q: {prompt}\n"
+
+    def pretrain_texts(self) -> list[str]:
+        return [self.text_prompt(p.prompt) + p.solution() + "\n" for p in self._splits["pretrain"]]
+
+    def eval_texts(self) -> list[str]:
+        return [self.text_prompt(p.prompt) + p.solution() + "\n" for p in self._splits["eval"]]
+
+    def sft_examples(self) -> list[dict]:
+        return [{"prompt": p.prompt, "completion": p.solution()} for p in self._splits["sft"]]
+
+    def preference_pairs(self) -> list[dict]:
+        rng = random.Random(self.cfg.seed + 2)
+        pairs = []
+        for p in self._splits["preference"]:
+            steps, wrong = corrupt(p, rng)
+            pairs.append({"prompt": p.prompt, "chosen": p.solution(), "rejected": p.solution(steps, wrong)})
+        return pairs
+
+    def rl_prompts(self) -> list[dict]:
+        return [{"prompt": p.prompt, "answer": str(p.answer)} for p in self._splits["rl"]]
+
+    def eval_problems(self) -> list[dict]:
+        return [{"prompt": p.prompt, "answer": str(p.answer)} for p in self._splits["eval"]]
+
+    def verify(self, completion: str, answer: str) -> float:
+        got = extract_answer(completion)
+        return 1.0 if got is not None and got == int(answer) else 0.0

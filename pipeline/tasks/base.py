@@ -1,0 +1,46 @@
+"""What every task provides: data for each stage, a prompt format, and a verifier."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class Task(ABC):
+    """Rows are plain dicts so they go straight into `datasets.Dataset.from_list`.
+
+    prompt      the user's question, without any template
+    completion  the reference answer text the model should produce
+    answer      the reference final answer the verifier compares against
+    """
+
+    name: str
+
+    def validate(self, splits: list[str]) -> None:
+        """Fail now, before any compute, if a split the coming stages need cannot be read."""
+
+    @abstractmethod
+    def pretrain_texts(self) -> list[str]: ...
+
+    @abstractmethod
+    def eval_texts(self) -> list[str]:
+        """Held-out documents in the pretraining format (for eval loss / perplexity)."""
+
+    @abstractmethod
+    def sft_examples(self) -> list[dict]: ...  # prompt, completion
+
+    @abstractmethod
+    def preference_pairs(self) -> list[dict]: ...  # prompt, chosen, rejected
+
+    @abstractmethod
+    def rl_prompts(self) -> list[dict]: ...  # prompt, answer
+
+    @abstractmethod
+    def eval_problems(self) -> list[dict]: ...  # prompt, answer (held out from all of the above)
+
+    @abstractmethod
+    def text_prompt(self, prompt: str) -> str:
+        """The prompt in the plain-text (pretraining) format, ready for the model to continue."""
+
+    @abstractmethod
+    def verify(self, completion: str, answer: str) -> float:
+        """Reward in [0, 1] for a model completion. Parses strictly; never executes model text."""

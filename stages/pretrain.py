@@ -1,0 +1,162 @@
+"""Stage `pretrain`: causal LM with teacher forcing on packed sequences.
+
+Documents (task texts + eos) are concatenated and cut into fixed-length blocks, so no token is
+padding. MoE models train with the router load-balancing loss added; eval loss and perplexity
+are the plain LM loss. Built on the transformers Trainer: checkpoints carry model, optimizer,
+scheduler, RNG and data position, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from itertools import chain
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+from pipeline import artifacts, distributed
+from pipeline.evaluate import evaluate
+from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
+from pipeline.optim import trainer_kwargs
+from pipeline.report import plot_curves
+from pipeline.tokenizer import stop_token_ids, train_tokenizer
+
+SPLITS = ("pretrain", "eval")
+USES = ("model", "task", "optim")
+
+
+def pack(tokenizer, texts: list[str], seq_len: int) -> Dataset:
+    """Concatenate eos-terminated documents and cut them into seq_len blocks (remainder dropped)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    flat = list(chain.from_iterable(doc + [tokenizer.eos_token_id] for doc in ids))
+    n_blocks = len(flat) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"{len(flat)} tokens do not fill one block of seq_len={seq_len}; add data or lower seq_len")
+    return Dataset.from_dict({"input_ids": [flat[i * seq_len : (i + 1) * seq_len] for i in range(n_blocks)]})
+
+
+class LMTrainer(Trainer):
+    def evaluate(self, *args, **kwargs):
+        with router_logits_off(self.model):  # report the LM loss alone, not LM + aux
+            return super().evaluate(*args, **kwargs)
+
+
+class Throughput(TrainerCallback):
+    """Tokens per second over the steps this process actually ran (not counting a resumed prefix)."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.tokens_per_second = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_step = time.perf_counter(), state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        elapsed = time.perf_counter() - self.start
+        self.tokens_per_second = (state.global_step - self.start_step) * self.tokens_per_step / max(elapsed, 1e-9)
+
+
+def setup_tokenizer_and_model(ctx):
+    """From an input checkpoint (init or model.path), or a new tokenizer + model from config."""
+    source = ctx.input_path or ctx.cfg.model.path
+    if source:
+        trust = bool(ctx.cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer, load_model(str(source), trust)
+    tokenizer_dir = ctx.stage_dir / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").exists():  # a resumed run reuses the first run's
+        tokenizer = train_tokenizer(ctx.task.pretrain_texts(), int(ctx.stage_cfg.tokenizer_vocab_size))
+        if distributed.is_main_process():
+            tmp = ctx.stage_dir / ".tokenizer.tmp"
+            tokenizer.save_pretrained(tmp)
+            tmp.replace(tokenizer_dir)
+        distributed.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return tokenizer, build_model(ctx.cfg.model, tokenizer)
+
+
+def run(ctx) -> dict[str, float]:
+    cfg = ctx.stage_cfg
+    tokenizer, model = setup_tokenizer_and_model(ctx)
+    set_router_aux_loss(model, True)
+    train_data = pack(tokenizer, ctx.task.pretrain_texts(), cfg.seq_len)
+    eval_data = pack(tokenizer, ctx.task.eval_texts(), cfg.seq_len)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * distributed.world_size()
+    throughput = Throughput(tokens_per_step)
+    args = TrainingArguments(
+        output_dir=str(ctx.stage_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=[],
+        seed=ctx.cfg.seed,
+        dataloader_drop_last=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **trainer_kwargs(ctx.cfg.optim, cfg.lr),
+    )
+    trainer = LMTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+        callbacks=[throughput],
+    )
+    train_output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
+    eval_metrics = trainer.evaluate()
+
+    set_router_aux_loss(model, False)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    artifacts.save_final(ctx.stage_dir, trainer.save_model)
+
+    problems = ctx.task.eval_problems()[: cfg.eval_problems]
+    result = evaluate(
+        model, tokenizer, ctx.task, problems, prompt_format="text",
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+    )
+    if distributed.is_main_process():
+        plot_loss(trainer.state.log_history, ctx.stage_dir / "loss.png")
+    trainable, total = count_parameters(model)
+    return {
+        "eval_loss": eval_metrics["eval_loss"],
+        "eval_perplexity": math.exp(eval_metrics["eval_loss"]),
+        "eval_accuracy": result.accuracy,
+        "eval_tokens_per_problem": result.tokens_per_problem,
+        "eval_num_problems": result.num_problems,
+        "train_loss": first_loss_and_last(trainer.state.log_history)[1],
+        "train_loss_first": first_loss_and_last(trainer.state.log_history)[0],
+        "train_steps": trainer.state.global_step,
+        "resumed_at_step": throughput.start_step,
+        "train_tokens": trainer.state.global_step * tokens_per_step,
+        "tokens_per_second": throughput.tokens_per_second,
+        "total_parameters": total,
+        "trainable_parameters": trainable,
+        "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
+    }
+
+
+def first_loss_and_last(log_history: list[dict]) -> tuple[float, float]:
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+
+
+def plot_loss(log_history: list[dict], path: Path) -> None:
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    curves = {name: tuple(map(list, zip(*points))) for name, points in (("train", train), ("eval", evals)) if points}
+    if curves:
+        plot_curves(path, curves, "step", "loss", "pretrain loss")

@@ -1,0 +1,46 @@
+"""Shared helpers: compose configs in-process, run the real entry point in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_config(overrides: list[str] | None = None):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides or [])
+
+
+def run_cli(*overrides: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline <overrides>` from the repo root, as a user types it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def python_in_fresh_process(code: str, timeout: float = 300) -> str:
+    """Run code in a new interpreter (nothing from this test process leaks into it)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def smoke_pretrain_run(tmp_path_factory) -> Path:
+    """One smoke pretrain run shared by the tests that only read its outputs."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    run_cli("preset=smoke", f"run.dir={run_dir}", "run.stages=[pretrain]")
+    return run_dir

@@ -1,0 +1,80 @@
+"""The pretrain stage through the real entry point, on preset=smoke."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from pipeline import artifacts
+from tests.conftest import ROOT, python_in_fresh_process, run_cli
+
+EXPECTED_METRICS = {"eval_loss", "eval_perplexity", "eval_accuracy", "train_tokens", "tokens_per_second", "train_loss", "train_loss_first"}
+
+
+def test_smoke_pretrain_learns_and_writes_the_contract(smoke_pretrain_run):
+    stage = smoke_pretrain_run / "pretrain"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert EXPECTED_METRICS <= metrics.keys()
+    assert metrics["train_loss"] < metrics["train_loss_first"] - 1.0, metrics  # it learned something
+    assert metrics["eval_perplexity"] < 40  # vs ~260 for a uniform guess over the vocabulary
+    assert metrics["train_tokens"] == 30 * 8 * 128 and metrics["tokens_per_second"] > 0
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    manifest = json.loads((stage / "stage.json").read_text())
+    assert manifest["status"] == "completed" and manifest["versions"]["torch"]
+    assert (smoke_pretrain_run / "config.yaml").exists()
+    report = (smoke_pretrain_run / "report.md").read_text()
+    assert "| pretrain | completed |" in report and "eval_loss" in report
+    assert (stage / "loss.png").exists()
+    # no temporary or half-written directories are left behind
+    assert not [p.name for p in stage.iterdir() if p.name.startswith(".")]
+
+
+def test_final_loads_with_plain_transformers_in_a_fresh_process(smoke_pretrain_run):
+    final = smoke_pretrain_run / "pretrain" / "final"
+    assert (final / "model.safetensors").exists()
+    out = python_in_fresh_process(f"""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(final)!r})
+tok = AutoTokenizer.from_pretrained({str(final)!r})
+batch = tok(["Q: 12+34=?\\n", "Q: 1+2-3=?\\n"], return_tensors="pt", padding=True, padding_side="left")
+out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+print(type(model).__name__, out.shape[0], out.shape[1] > batch["input_ids"].shape[1], tok.chat_template is not None)
+""")
+    assert out.split() == ["Qwen3MoeForCausalLM", "2", "True", "True"]
+
+
+def test_completed_stage_is_skipped_on_rerun(smoke_pretrain_run):
+    before = (smoke_pretrain_run / "pretrain" / "stage.json").read_text()
+    proc = run_cli("preset=smoke", f"run.dir={smoke_pretrain_run}", "run.stages=[pretrain]")
+    assert "stage pretrain: already completed" in proc.stdout
+    assert (smoke_pretrain_run / "pretrain" / "stage.json").read_text() == before
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["preset=smoke", f"run.dir={run_dir}", "stages.pretrain.max_steps=60", "stages.pretrain.save_steps=10"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    stage = run_dir / "pretrain"
+    deadline = time.time() + 300
+    while artifacts.find_resume_checkpoint(stage) is None or artifacts.find_resume_checkpoint(stage).name == "checkpoint-10":
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # a real kill: no handler, no cleanup
+    proc.wait()
+    assert json.loads((stage / "stage.json").read_text())["status"] == "running"
+    assert not (stage / "final").exists()
+    resumable = artifacts.find_resume_checkpoint(stage)
+    step = int(resumable.name.split("-")[1])
+    assert 20 <= step < 60
+
+    out = run_cli(*args)
+    assert f"resuming from checkpoint-{step}" in out.stdout
+    manifest = json.loads((stage / "stage.json").read_text())
+    assert manifest["status"] == "completed" and manifest["resumed_from"] == f"checkpoint-{step}"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["train_steps"] == 60 and metrics["resumed_at_step"] == step  # continued, not restarted
+    assert metrics["train_loss"] < metrics["train_loss_first"]

@@ -1,0 +1,98 @@
+import json
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.tasks import build_task
+from pipeline.tasks.arithmetic import extract_answer
+from tests.conftest import CONF
+
+
+def arithmetic(**overrides):
+    cfg = OmegaConf.load(CONF / "task" / "arithmetic.yaml")
+    cfg.update({"n_pretrain": 3000, "n_sft": 500, "n_preference": 300, "n_rl": 200, "n_eval": 200, **overrides})
+    return build_task(cfg)
+
+
+def check_chain(question: str, solution: str) -> int:
+    """Recompute every worked step with integer arithmetic; return the final value."""
+    numbers = [int(x) for x in re.findall(r"\d+", question)]
+    ops = re.findall(r"[+-]", question)
+    lines = solution.split("\n")
+    value = numbers[0]
+    for op, x, line in zip(ops, numbers[1:], lines):
+        new = value + x if op == "+" else value - x
+        assert line == f"{value}{op}{x}={new}"
+        value = new
+    assert len(lines) == len(ops) + 1
+    return value
+
+
+def test_splits_are_disjoint_and_deterministic():
+    task = arithmetic()
+    splits = {s: {p.question for p in task.problems(s)} for s in ("pretrain", "sft", "preference", "rl", "eval")}
+    assert {s: len(q) for s, q in splits.items()} == {"pretrain": 3000, "sft": 500, "preference": 300, "rl": 200, "eval": 200}
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not splits[a] & splits[b], f"{a} and {b} overlap"
+    assert [p.question for p in arithmetic().problems("eval")] == [p.question for p in task.problems("eval")]
+    # the held-out split does not move when a training split is resized
+    assert [p.question for p in arithmetic(n_pretrain=100).problems("eval")] == [p.question for p in task.problems("eval")]
+
+
+def test_worked_solutions_are_correct_and_within_difficulty():
+    task = arithmetic(min_operands=2, max_operands=4, digits=2)
+    counts = set()
+    for row in task.sft_examples():
+        value = check_chain(row["prompt"], row["completion"])
+        assert row["completion"].endswith(f"A: {value}")
+        operands = re.findall(r"\d+", row["prompt"])
+        counts.add(len(operands))
+        assert all(len(x) == 2 for x in operands)
+    assert counts == {2, 3, 4}
+
+
+def test_verifier_accepts_correct_and_rejects_wrong_or_malformed():
+    task = arithmetic()
+    assert task.verify("47+18=65\n65-9=56\nA: 56", "56") == 1.0
+    assert task.verify("A: 56\ntrailing chatter", "56") == 1.0
+    assert task.verify("A: -12", "-12") == 1.0
+    for bad in ["A: 57", "A:56", "A: 56.0", "A: 5 6", "A: 50+6", "A: __import__('os')", "56", "", "A: ", "A: 55\nA: 56"]:
+        assert task.verify(bad, "56") == 0.0, bad
+    assert extract_answer("x\nA: 0012\n") == 12
+    assert extract_answer("A: 1234567890123") is None  # absurdly long numbers are malformed
+
+
+def test_preference_pairs_have_hard_negatives():
+    task = arithmetic()
+    pairs = task.preference_pairs()
+    assert len(pairs) == 300
+    answers = {p.prompt: p.answer for p in task.problems("preference")}
+    for pair in pairs:
+        answer = str(answers[pair["prompt"]])
+        assert task.verify(pair["chosen"], answer) == 1.0
+        assert task.verify(pair["rejected"], answer) == 0.0
+        wrong = extract_answer(pair["rejected"])
+        assert 0 < abs(wrong - int(answer)) <= 10  # wrong by one small slip, carried through
+        check_chain(pair["prompt"].replace("=?", ""), pair["chosen"])
+        # the rejected chain differs from the chosen one in the slipped step onwards only
+        good, bad = pair["chosen"].split("\n"), pair["rejected"].split("\n")
+        assert len(good) == len(bad) and good != bad
+
+
+def test_jsonl_task_reads_columns_and_fails_clearly(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"q{i}", "response": f"r{i}\nA: {i}"}) for i in range(5)))
+    cfg = OmegaConf.load(CONF / "task" / "jsonl.yaml")
+    cfg.splits.sft = str(path)
+    with pytest.raises(ValueError, match=r"no column 'prompt'.*\['question', 'response'\].*task.columns.prompt"):
+        build_task(cfg).validate(["sft"])
+    cfg.columns.prompt, cfg.columns.completion = "question", "response"
+    task = build_task(cfg)
+    task.validate(["sft"])
+    assert task.sft_examples()[3] == {"prompt": "q3", "completion": "r3\nA: 3"}
+    assert task.verify("work\nA: 3", "3") == 1.0 and task.verify("A: 4", "3") == 0.0
+    with pytest.raises(ValueError, match="task.splits.eval"):
+        task.validate(["eval"])
