@@ -101,16 +101,12 @@ def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) 
     stage's config hash when the input comes from this run, so a changed upstream reruns
     everything downstream of it."""
     if stage_cfg.get("init"):
-        path = Path(str(stage_cfg.init)).expanduser()
-        if not artifacts.is_hf_checkpoint(path):
-            raise ConfigError(
-                f"stages.{name}.init={stage_cfg.init} is not a checkpoint directory (no config.json); "
-                "point it at a Hugging Face model directory or a stage's final/"
-            )
-        return path, f"path:{path.resolve()}"
+        return checkpoint_input(stage_cfg.init, f"stages.{name}.init")
     upstream = stage_cfg.get("input_stage")
-    if not upstream:
-        return None, None  # starts from the `model` group (pretrain)
+    if not upstream:  # starts from the `model` group: a local model, or built from its config
+        if OmegaConf.is_missing(cfg.model, "path"):
+            raise ConfigError("model=hf needs a local model directory: model.path=/path/to/model")
+        return checkpoint_input(cfg.model.path, "model.path") if cfg.model.path else (None, None)
     final = run_dir / upstream / artifacts.FINAL
     if upstream in planned:
         return final, planned[upstream]
@@ -122,6 +118,16 @@ def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) 
         f"(no completed '{upstream}' stage there). Add {upstream} to run.stages before {name}, "
         f"or set stages.{name}.init=/path/to/checkpoint"
     )
+
+
+def checkpoint_input(value, field: str) -> tuple[Path, str]:
+    path = Path(str(value)).expanduser()
+    if not artifacts.is_hf_checkpoint(path):
+        raise ConfigError(
+            f"{field}={value} is not a checkpoint directory (no config.json); "
+            "point it at a Hugging Face model directory or a stage's final/"
+        )
+    return path, f"path:{path.resolve()}"
 
 
 def prepare_stage_dir(plan: StagePlan, stage_dir: Path, force: bool) -> tuple[str, Path | None]:
@@ -145,8 +151,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
     distributed.state()  # before any Trainer builds an Accelerator
     run_dir = Path(str(cfg.run.dir)).expanduser().resolve()
     plans = plan_stages(cfg, run_dir)
-    task = build_task(cfg.task)
-    task.validate(sorted({split for plan in plans for split in plan.module.SPLITS}))
+    try:
+        task = build_task(cfg.task)
+        task.validate(sorted({split for plan in plans for split in plan.module.SPLITS}))
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from err
 
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -45,23 +45,28 @@ class LMTrainer(Trainer):
 
 
 class Throughput(TrainerCallback):
-    """Tokens per second over the steps this process actually ran (not counting a resumed prefix)."""
+    """Training tokens per second over the steps this process ran: a resumed prefix is not
+    counted, and the periodic evaluations are subtracted from the clock."""
 
     def __init__(self, tokens_per_step: int) -> None:
         self.tokens_per_step = tokens_per_step
         self.tokens_per_second = 0.0
+        self.eval_seconds = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_step = time.perf_counter(), state.global_step
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.eval_seconds += (metrics or {}).get("eval_runtime", 0.0)
+
     def on_train_end(self, args, state, control, **kwargs):
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start - self.eval_seconds
         self.tokens_per_second = (state.global_step - self.start_step) * self.tokens_per_step / max(elapsed, 1e-9)
 
 
 def setup_tokenizer_and_model(ctx):
-    """From an input checkpoint (init or model.path), or a new tokenizer + model from config."""
-    source = ctx.input_path or ctx.cfg.model.path
+    """From the input checkpoint (stages.pretrain.init or model.path), or new from config."""
+    source = ctx.input_path
     if source:
         trust = bool(ctx.cfg.model.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
@@ -102,7 +107,6 @@ def run(ctx) -> dict[str, float]:
         logging_steps=cfg.logging_steps,
         report_to=[],
         seed=ctx.cfg.seed,
-        dataloader_drop_last=True,
         dataloader_pin_memory=torch.cuda.is_available(),
         **trainer_kwargs(ctx.cfg.optim, cfg.lr),
     )

@@ -78,3 +78,29 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["train_steps"] == 60 and metrics["resumed_at_step"] == step  # continued, not restarted
     assert metrics["train_loss"] < metrics["train_loss_first"]
+
+
+def test_continue_any_local_model_on_user_jsonl_data(smoke_pretrain_run, tmp_path):
+    """model=hf + task=jsonl: a local HF model directory and local JSONL files, through the
+    same code paths that load hub names."""
+    pretrain = tmp_path / "corpus.jsonl"
+    pretrain.write_text("\n".join(json.dumps({"content": f"Q: {a}+{b}=?\n{a}+{b}={a + b}\nA: {a + b}\n"})
+                                  for a in range(10, 40) for b in range(10, 20)))
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("\n".join(json.dumps({"prompt": f"Q: {a}+7=?", "answer": str(a + 7)}) for a in range(50, 70)))
+    run_dir = tmp_path / "run"
+    base = smoke_pretrain_run / "pretrain" / "final"
+    run_cli("preset=smoke", f"run.dir={run_dir}", "model=hf", f"model.path={base}", "task=jsonl",
+            f"task.splits.pretrain={pretrain}", f"task.splits.eval={held_out}", "task.columns.text=content",
+            "stages.pretrain.max_steps=6", "stages.pretrain.eval_steps=3", "stages.pretrain.save_steps=3")
+    metrics = json.loads((run_dir / "pretrain" / "metrics.json").read_text())
+    fresh = json.loads((smoke_pretrain_run / "pretrain" / "metrics.json").read_text())
+    # it continued from the trained weights: its first loss is far below a fresh model's
+    assert metrics["train_loss_first"] < fresh["train_loss_first"] - 1.0
+    assert metrics["eval_num_problems"] == 20
+    assert (run_dir / "pretrain" / "final" / "tokenizer.json").exists()
+
+    proc = run_cli("preset=smoke", f"run.dir={tmp_path / 'bad'}", "task=jsonl", f"task.splits.pretrain={pretrain}",
+                   f"task.splits.eval={held_out}", check=False)
+    assert proc.returncode != 0
+    assert "no column 'text'" in proc.stderr and "task.columns.text" in proc.stderr

@@ -92,3 +92,10 @@ def test_skip_resume_decisions(tmp_path, status, stored_hash, final, checkpoints
     write_stage(stage_dir, stored_hash, status, final, checkpoints)
     action, checkpoint = prepare_stage_dir(StagePlan("pretrain", None, None, None, "h1"), stage_dir, force)
     assert (action, checkpoint.name if checkpoint else None) == expected
+
+
+def test_model_hf_needs_a_real_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"model=hf needs a local model directory: model.path="):
+        plan_stages(compose_config(["model=hf"]), tmp_path)
+    with pytest.raises(ConfigError, match=r"model.path=.* is not a checkpoint directory"):
+        plan_stages(compose_config(["model=hf", f"model.path={tmp_path}"]), tmp_path)
