@@ -92,7 +92,8 @@ def test_continue_any_local_model_on_user_jsonl_data(smoke_pretrain_run, tmp_pat
     base = smoke_pretrain_run / "pretrain" / "final"
     run_cli("preset=smoke", f"run.dir={run_dir}", "model=hf", f"model.path={base}", "task=jsonl",
             f"task.splits.pretrain={pretrain}", f"task.splits.eval={held_out}", "task.columns.text=content",
-            "stages.pretrain.max_steps=6", "stages.pretrain.eval_steps=3", "stages.pretrain.save_steps=3")
+            "stages.pretrain.max_steps=6", "stages.pretrain.eval_steps=3", "stages.pretrain.save_steps=3",
+            "stages.pretrain.logging_steps=1", "stages.pretrain.lr=1e-5")  # first loss = the loaded weights' loss
     metrics = json.loads((run_dir / "pretrain" / "metrics.json").read_text())
     fresh = json.loads((smoke_pretrain_run / "pretrain" / "metrics.json").read_text())
     # it continued from the trained weights: its first loss is far below a fresh model's
