@@ -16,7 +16,9 @@ def format_value(value) -> str:
 def write_report(run_dir: Path, stage_order: list[str]) -> Path:
     present = [d.name for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / artifacts.MANIFEST).exists()]
     order = [s for s in stage_order if s in present] + [s for s in present if s not in stage_order]
-    lines = ["# Run report", "", f"Run directory: `{run_dir}`", "", "| stage | status | wall time (s) | metric | value |", "| --- | --- | --- | --- | --- |"]
+    lines = ["# Run report", "", f"Run directory: `{run_dir}`", ""]
+    lines += summary_table(run_dir, order)
+    lines += ["", "## All metrics", "", "| stage | status | wall time (s) | metric | value |", "| --- | --- | --- | --- | --- |"]
     plots = []
     for stage in order:
         manifest = artifacts.read_manifest(run_dir / stage) or {}
@@ -35,6 +37,19 @@ def write_report(run_dir: Path, stage_order: list[str]) -> Path:
     path = run_dir / "report.md"
     artifacts.write_text_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+HEADLINE = ("eval_accuracy", "eval_accuracy_sampled", "eval_pairwise_accuracy", "eval_loss")
+
+
+def summary_table(run_dir: Path, order: list[str]) -> list[str]:
+    """One row per stage with the headline metrics every stage shares, side by side."""
+    rows = {stage: artifacts.read_metrics(run_dir / stage) or {} for stage in order}
+    columns = [m for m in HEADLINE if any(m in metrics for metrics in rows.values())]
+    lines = ["| stage | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for stage, metrics in rows.items():
+        lines.append(f"| {stage} | " + " | ".join(format_value(metrics.get(m, "")) for m in columns) + " |")
+    return lines
 
 
 def plot_curves(path: Path, curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str) -> Path:
