@@ -5,6 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
 from pipeline.runner import ConfigError, run_pipeline
 
 
@@ -15,6 +16,9 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as err:
+        print(f"[pipeline] preempted: {err}; rerun the same command to resume", flush=True)
+        sys.exit(REQUEUE_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, distributed
+from pipeline import artifacts, distributed, preemption
 from pipeline.report import write_report
 from pipeline.tasks import Task, build_task
 
@@ -149,6 +149,7 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, force: bool) -> tuple[st
 def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
     """Run cfg.run.stages in order; returns each stage's metrics."""
     distributed.state()  # before any Trainer builds an Accelerator
+    preemption.install_handlers()
     run_dir = Path(str(cfg.run.dir)).expanduser().resolve()
     plans = plan_stages(cfg, run_dir)
     try:
@@ -159,6 +160,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
 
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / preemption.FLAG_FILE).unlink(missing_ok=True)  # a request to an earlier run
         artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log(f"run dir {run_dir}; stages: {' -> '.join(p.name for p in plans)}")
 
@@ -201,7 +203,8 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
         metrics = plan.module.run(ctx)
     except BaseException as err:
         if distributed.is_main_process():
-            manifest.update(status="failed", ended=artifacts.now(), error=f"{type(err).__name__}: {err}")
+            status = "preempted" if isinstance(err, preemption.Preempted) else "failed"
+            manifest.update(status=status, ended=artifacts.now(), error=f"{type(err).__name__}: {err}")
             artifacts.write_manifest(stage_dir, manifest)
         raise
     wall = time.perf_counter() - start

@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-from pipeline import artifacts, distributed
+from pipeline import artifacts, distributed, preemption
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
 from pipeline.optim import trainer_kwargs
@@ -119,7 +119,7 @@ def run(ctx) -> dict[str, float]:
         processing_class=tokenizer,
         callbacks=[throughput],
     )
-    train_output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
+    train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
 
     set_router_aux_loss(model, False)

@@ -105,3 +105,34 @@ def test_continue_any_local_model_on_user_jsonl_data(smoke_pretrain_run, tmp_pat
                    f"task.splits.eval={held_out}", check=False)
     assert proc.returncode != 0
     assert "no column 'text'" in proc.stderr and "task.columns.text" in proc.stderr
+
+
+def test_sigusr1_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
+    from pipeline.preemption import REQUEUE_EXIT_CODE
+
+    run_dir = tmp_path / "run"
+    # no periodic checkpoint before step 1000: any checkpoint on disk comes from the signal
+    args = ["preset=smoke", f"run.dir={run_dir}", "stages.pretrain.max_steps=150", "stages.pretrain.save_steps=1000",
+            "stages.pretrain.eval_steps=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    stage = run_dir / "pretrain"
+    deadline = time.time() + 300
+    while not (stage / "tokenizer").exists():  # the tokenizer is saved just before training starts
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    time.sleep(4)  # a few steps in
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE, output[-2000:]
+    assert "received SIGUSR1" in output
+    manifest = json.loads((stage / "stage.json").read_text())
+    assert manifest["status"] == "preempted"
+    checkpoint = artifacts.find_resume_checkpoint(stage)
+    step = int(checkpoint.name.split("-")[1])
+    assert 0 < step < 150
+
+    out = run_cli(*args)
+    assert f"resuming from checkpoint-{step}" in out.stdout
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["resumed_at_step"] == step and metrics["train_steps"] == 150

@@ -1,0 +1,72 @@
+"""Preemption: stop at a step boundary, save a checkpoint, exit with the requeue code.
+
+Two ways to ask: a signal (SIGUSR1 or SIGTERM, e.g. SLURM's warning before the time limit
+or a plain `kill`) or a flag file `<run.dir>/.preempt` (what the sbatch scripts touch, since
+the signal reaches the batch shell, not every rank on every node). Ranks agree on the step to
+stop at with an all-reduce, so no rank leaves a collective the others are still in.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from pipeline import distributed
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the sbatch scripts requeue on it
+FLAG_FILE = ".preempt"
+_requested = False
+
+
+class Preempted(Exception):
+    """Raised by a stage after its checkpoint is on disk; the runner exits with REQUEUE_EXIT_CODE."""
+
+
+def _handle(signum, frame) -> None:
+    global _requested
+    if _requested:  # a second signal: stop now, the checkpoint of the first may never come
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+    _requested = True
+    print(f"[pipeline] received {signal.Signals(signum).name}: saving a checkpoint at the next step", flush=True)
+
+
+def install_handlers() -> None:
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, _handle)
+
+
+def requested(run_dir: Path) -> bool:
+    """True on every rank if any rank was asked to stop."""
+    local = _requested or (run_dir / FLAG_FILE).exists()
+    if distributed.world_size() == 1:
+        return local
+    flag = torch.tensor([int(local)], device=distributed.state().device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class PreemptionCallback(TrainerCallback):
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.triggered = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if requested(self.run_dir):
+            self.triggered = True
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def train(trainer, ctx):
+    """`trainer.train()` that resumes from the stage's checkpoint and raises Preempted when
+    it stopped early on request (its checkpoint is saved by then)."""
+    callback = PreemptionCallback(ctx.run_dir)
+    trainer.add_callback(callback)
+    output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
+    if callback.triggered:
+        raise Preempted(f"stopped at step {trainer.state.global_step}; checkpoint-{trainer.state.global_step} saved")
+    return output
