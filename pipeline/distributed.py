@@ -35,4 +35,7 @@ def world_size() -> int:
 
 
 def barrier() -> None:
-    state().wait_for_everyone()
+    # Not PartialState.wait_for_everyone(): on CPU launches (ACCELERATE_USE_CPU=1, gloo) the
+    # state reports DistributedType.NO and its barrier is a no-op, though the group is up.
+    if world_size() > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -52,8 +52,12 @@ class StagePlan:
     config_hash: str
 
 
-def log(message: str) -> None:
-    if distributed.is_main_process():
+def log(message: str, every_rank: bool = False) -> None:
+    """A line on the main process; with every_rank, one per rank, tagged with the rank."""
+    if every_rank and distributed.world_size() > 1:
+        state = distributed.state()
+        print(f"[pipeline rank {state.process_index}/{state.num_processes}] {message}", flush=True)
+    elif distributed.is_main_process():
         print(f"[pipeline] {message}", flush=True)
 
 
@@ -173,6 +177,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
 def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> dict:
     stage_dir = run_dir / plan.name
     action, checkpoint = prepare_stage_dir(plan, stage_dir, bool(cfg.run.force))
+    log(f"stage {plan.name}: decision {action} (config {plan.config_hash})", every_rank=True)
     distributed.barrier()  # every rank has read the old state before anyone changes it
     if action == "skip":
         log(f"stage {plan.name}: already completed with config {plan.config_hash}, skipping")

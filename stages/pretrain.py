@@ -74,9 +74,11 @@ def setup_tokenizer_and_model(ctx):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer, load_model(str(source), trust)
     tokenizer_dir = ctx.stage_dir / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():  # a resumed run reuses the first run's
-        tokenizer = train_tokenizer(ctx.task.pretrain_texts(), int(ctx.stage_cfg.tokenizer_vocab_size))
+    need_tokenizer = not (tokenizer_dir / "tokenizer.json").exists()  # a resumed run reuses the first run's
+    distributed.barrier()  # every rank has looked before the main process writes
+    if need_tokenizer:
         if distributed.is_main_process():
+            tokenizer = train_tokenizer(ctx.task.pretrain_texts(), int(ctx.stage_cfg.tokenizer_vocab_size))
             tmp = ctx.stage_dir / ".tokenizer.tmp"
             tokenizer.save_pretrained(tmp)
             tmp.replace(tokenizer_dir)
@@ -144,6 +146,8 @@ def run(ctx) -> dict[str, float]:
         "train_loss": first_loss_and_last(trainer.state.log_history)[1],
         "train_loss_first": first_loss_and_last(trainer.state.log_history)[0],
         "train_steps": trainer.state.global_step,
+        "train_epochs": trainer.state.epoch,
+        "world_size": distributed.world_size(),
         "resumed_at_step": throughput.start_step,
         "train_tokens": trainer.state.global_step * tokens_per_step,
         "tokens_per_second": throughput.tokens_per_second,
