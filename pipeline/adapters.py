@@ -16,7 +16,6 @@ from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig
 
 METHODS = ("none", "lora", "prefix", "prompt")
 PROMPT_LEARNING = ("prefix", "prompt")  # virtual tokens: cannot be merged into the base weights
-PEFT_TYPES = {"lora": "LORA", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}  # peft's names
 
 
 def check_peft_config(peft_cfg) -> None:

@@ -43,7 +43,7 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def load_policy(path: str | Path, trust_remote_code: bool = False, trainable: bool = False) -> PreTrainedModel | PeftModel:
+def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel | PeftModel:
     """The model a stage handed off in `path` (its final/), in either layout a stage writes:
 
     - a plain checkpoint (full fine-tuning, or LoRA merged into its base): a transformers model;
@@ -51,7 +51,7 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, trainable: bo
       adapter weights at the top, the frozen base model in base/: a PeftModel over that base.
       An adapter directory without base/ (e.g. final/adapter/) uses the base it records.
 
-    `trainable` leaves the adapter's parameters trainable, to continue training it.
+    The adapter loads for inference: peft does not train a saved prefix/prompt adapter further.
     """
     path = Path(path)
     if not is_adapter_checkpoint(path):
@@ -60,7 +60,7 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, trainable: bo
     if not (base / "config.json").is_file():
         base = Path(PeftConfig.from_pretrained(str(path)).base_model_name_or_path)
     model = load_model(str(base), trust_remote_code)
-    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    return PeftModel.from_pretrained(model, str(path))
 
 
 def save_peft_policy(model: PeftModel, tokenizer, out_dir: Path, final_dir: Path) -> PreTrainedModel | PeftModel:
@@ -69,10 +69,10 @@ def save_peft_policy(model: PeftModel, tokenizer, out_dir: Path, final_dir: Path
     trainer's save_model, which also gathers sharded weights.)
 
     LoRA is merged into its base (out_dir is a plain checkpoint) and the adapter kept under
-    adapter/. Prefix/prompt tuning cannot be merged: the adapter goes
-    to the top and to adapter/, the base to base/, and adapter_config.json names final_dir/base
-    so that `AutoPeftModelForCausalLM.from_pretrained(final_dir)` works while the run directory
-    stays where it is (load_policy works wherever it is moved).
+    adapter/. Prefix/prompt tuning cannot be merged: the adapter goes to the top and to adapter/,
+    the base to base/, and adapter_config.json names final_dir/base so that
+    `AutoPeftModelForCausalLM.from_pretrained(final_dir)` works while the run directory stays
+    where it is (load_policy works wherever it is moved).
 
     Called on every rank like artifacts.save_final: every rank merges, the main process writes.
     """

@@ -11,8 +11,7 @@ resume like pretrain's.
 
 Hand-off (pipeline.models.save_peft_policy / load_policy): full fine-tuning and LoRA (merged)
 leave a plain checkpoint in final/; prefix and prompt tuning leave the adapter in final/ and the
-frozen base in final/base/. A prefix/prompt final/ given as input is trained further when peft
-names the same method.
+frozen base in final/base/.
 """
 
 from __future__ import annotations
@@ -22,15 +21,17 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import PeftConfig, PeftModel
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
 from pipeline import artifacts, distributed
-from pipeline.adapters import PEFT_TYPES, PROMPT_LEARNING, build_peft_config, check_peft_config
+from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate
-from pipeline.models import count_parameters, is_adapter_checkpoint, load_policy, router_logits_off, save_peft_policy, set_router_aux_loss
+from pipeline.models import (
+    count_parameters, is_adapter_checkpoint, load_model, router_logits_off, save_peft_policy, set_router_aux_loss,
+)
 from pipeline.optim import trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.runner import ConfigError
@@ -58,15 +59,13 @@ def validate(cfg, input_path: Path | None) -> None:
         )
     if input_path is None:
         return
-    input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
     if is_adapter_checkpoint(input_path):
-        peft_type = str(PeftConfig.from_pretrained(str(input_path)).peft_type.value)
-        if peft_cfg.method not in PROMPT_LEARNING or PEFT_TYPES[peft_cfg.method] != peft_type:
-            raise ConfigError(
-                f"the sft input {input_path} is a {peft_type} adapter, which sft can only train further with the "
-                "same method (peft=prefix for PREFIX_TUNING, peft=prompt for PROMPT_TUNING); to train anew, "
-                f"start from a plain checkpoint, e.g. stages.sft.init={input_path / 'base'}"
-            )
+        raise ConfigError(
+            f"the sft input {input_path} is a PEFT adapter, not a model; sft fine-tunes a plain checkpoint (peft "
+            "loads saved prefix/prompt adapters for inference only). Start from the base inside a prefix/prompt "
+            f"final/ (stages.sft.init={input_path / 'base'}) or from a LoRA run's merged final/"
+        )
+    input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
 
 
 def input_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -181,8 +180,8 @@ def run(ctx) -> dict[str, float]:
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
     tokenizer = input_tokenizer(ctx.input_path, trust)
-    model = load_policy(ctx.input_path.resolve(), trust, trainable=True)
-    peft_config = None if isinstance(model, PeftModel) else build_peft_config(ctx.cfg.peft, model)
+    model = load_model(str(ctx.input_path.resolve()), trust)  # resolved: the adapter records its base
+    peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, True)
     train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.cfg.seed)
     args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
