@@ -1,13 +1,22 @@
-"""Build a Hugging Face causal LM from a config, or load one from a local path."""
+"""Build a Hugging Face causal LM from a config, or load one from a local path; save and load
+a stage's policy in either hand-off layout (plain checkpoint, or adapter + base)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from pipeline import distributed
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_DIR = "adapter"  # every PEFT final/ keeps its adapter here
+BASE_DIR = "base"  # a prefix/prompt-tuning final/ keeps its frozen base model here
 
 
 def build_model(model_cfg, tokenizer) -> PreTrainedModel:
@@ -28,6 +37,64 @@ def load_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel | PeftModel:
+    """The model a stage handed off in `path` (its final/), in either layout a stage writes:
+
+    - a plain checkpoint (full fine-tuning, or LoRA merged into its base): a transformers model;
+    - an adapter that cannot be merged (prefix or prompt tuning): adapter_config.json and the
+      adapter weights at the top, the frozen base model in base/: a PeftModel over that base.
+      An adapter directory without base/ (e.g. final/adapter/) uses the base it records.
+
+    The adapter loads for inference: peft does not train a saved prefix/prompt adapter further.
+    """
+    path = Path(path)
+    if not is_adapter_checkpoint(path):
+        return load_model(str(path), trust_remote_code)
+    base = path / BASE_DIR
+    if not (base / "config.json").is_file():
+        base = Path(PeftConfig.from_pretrained(str(path)).base_model_name_or_path)
+    model = load_model(str(base), trust_remote_code)
+    return PeftModel.from_pretrained(model, str(path))
+
+
+def save_peft_policy(model: PeftModel, tokenizer, out_dir: Path, final_dir: Path) -> PreTrainedModel | PeftModel:
+    """Write a PEFT model and its tokenizer to out_dir (renamed to final_dir afterwards) in the
+    layout load_policy reads; return the model as handed off. (A plain model is saved with the
+    trainer's save_model, which also gathers sharded weights.)
+
+    LoRA is merged into its base (out_dir is a plain checkpoint) and the adapter kept under
+    adapter/. Prefix/prompt tuning cannot be merged: the adapter goes to the top and to adapter/,
+    the base to base/, and adapter_config.json names final_dir/base so that
+    `AutoPeftModelForCausalLM.from_pretrained(final_dir)` works while the run directory stays
+    where it is (load_policy works wherever it is moved).
+
+    Called on every rank like artifacts.save_final: every rank merges, the main process writes.
+    """
+
+    def save(obj, directory: Path) -> None:
+        if distributed.is_main_process():
+            # adapters here never train embeddings; "auto" would probe the base path (on the Hub, too)
+            options = {"save_embedding_layers": False} if isinstance(obj, PeftModel) else {}
+            obj.save_pretrained(directory, **options)
+            tokenizer.save_pretrained(directory)
+
+    adapter = model.peft_config[model.active_adapter]
+    if adapter.is_prompt_learning:
+        adapter.base_model_name_or_path = str(final_dir / BASE_DIR)
+        save(model.get_base_model(), out_dir / BASE_DIR)
+        save(model, out_dir)
+        save(model, out_dir / ADAPTER_DIR)
+        return model
+    save(model, out_dir / ADAPTER_DIR)
+    merged = model.merge_and_unload()
+    save(merged, out_dir)
+    return merged
 
 
 def set_router_aux_loss(model: torch.nn.Module, enabled: bool) -> None:

@@ -71,3 +71,18 @@ def plot_curves(path: Path, curves: dict[str, tuple[list[float], list[float]]], 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def first_and_last_loss(log_history: list[dict]) -> tuple[float, float]:
+    """The first and last logged training loss of a Trainer run (nan if none was logged)."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
+
+
+def plot_loss(log_history: list[dict], path: Path, title: str) -> None:
+    """Train and eval loss against step, from a Trainer's log history."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    curves = {name: tuple(map(list, zip(*points))) for name, points in (("train", train), ("eval", evals)) if points}
+    if curves:
+        plot_curves(path, curves, "step", "loss", title)

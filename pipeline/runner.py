@@ -5,6 +5,9 @@ A stage recipe is the module `stages.<name>` with:
     SPLITS  task splits it reads (checked before any compute starts)
     USES    top-level config groups that change its result (part of its config hash)
     run(ctx: StageContext) -> dict[str, float]   trains, saves final/, returns metrics
+    validate(cfg, input_path) -> None   optional: cheap checks of the stage's config and of an
+                existing input checkpoint, raising ConfigError before any stage runs; input_path
+                is None when the input is still to be written by an earlier stage of this run
 Its config lives at conf/stages/<name>.yaml; `init` sets its input checkpoint explicitly and
 `input_stage` names the stage whose final/ it starts from by default.
 """
@@ -94,6 +97,9 @@ def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
         module = load_stage_module(name, cfg)
         stage_cfg = cfg.stages[name]
         input_path, fingerprint = resolve_input(cfg, name, stage_cfg, run_dir, hashes)
+        if hasattr(module, "validate"):
+            pending = not stage_cfg.get("init") and stage_cfg.get("input_stage") in hashes
+            module.validate(cfg, None if pending else input_path)
         config_hash = stage_hash(cfg, name, module, fingerprint)
         hashes[name] = config_hash
         plans.append(StagePlan(name, module, input_path, fingerprint, config_hash))

@@ -7,14 +7,19 @@ ChatML chat template, so `AutoTokenizer.from_pretrained(final/)` works with no p
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [PAD, EOS, IM_START, IM_END]
+
+# any one of these marks a directory that holds a saved tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -55,3 +60,25 @@ def stop_token_ids(tokenizer) -> list[int]:
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
         ids.append(im_end)
     return [i for i in ids if i is not None]
+
+
+def load_chat_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with a checkpoint, which must carry a chat template (chat-format
+    stages render every prompt with it). Raises ValueError naming the fix otherwise."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+            f"next to its weights (tokenizer.save_pretrained('{path}')), or start from a stage's final/, "
+            "which always includes one"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"the tokenizer in {path} has no chat template, which chat-format training and evaluation need; "
+            f"set one and save it (tokenizer.chat_template = ...; tokenizer.save_pretrained('{path}')), "
+            "e.g. pipeline.tokenizer.CHAT_TEMPLATE (ChatML), or start from an instruct/chat checkpoint"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from itertools import chain
-from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -21,7 +20,7 @@ from pipeline import artifacts, distributed, preemption
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
 from pipeline.optim import trainer_kwargs
-from pipeline.report import plot_curves
+from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.tokenizer import stop_token_ids, train_tokenizer
 
 SPLITS = ("pretrain", "eval")
@@ -135,16 +134,17 @@ def run(ctx) -> dict[str, float]:
         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
     )
     if distributed.is_main_process():
-        plot_loss(trainer.state.log_history, ctx.stage_dir / "loss.png")
+        plot_loss(trainer.state.log_history, ctx.stage_dir / "loss.png", "pretrain loss")
     trainable, total = count_parameters(model)
+    first_loss, last_loss = first_and_last_loss(trainer.state.log_history)
     return {
         "eval_loss": eval_metrics["eval_loss"],
         "eval_perplexity": math.exp(eval_metrics["eval_loss"]),
         "eval_accuracy": result.accuracy,
         "eval_tokens_per_problem": result.tokens_per_problem,
         "eval_num_problems": result.num_problems,
-        "train_loss": first_loss_and_last(trainer.state.log_history)[1],
-        "train_loss_first": first_loss_and_last(trainer.state.log_history)[0],
+        "train_loss": last_loss,
+        "train_loss_first": first_loss,
         "train_steps": trainer.state.global_step,
         "train_epochs": trainer.state.epoch,
         "world_size": distributed.world_size(),
@@ -156,15 +156,3 @@ def run(ctx) -> dict[str, float]:
         "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
     }
 
-
-def first_loss_and_last(log_history: list[dict]) -> tuple[float, float]:
-    losses = [entry["loss"] for entry in log_history if "loss" in entry]
-    return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
-
-
-def plot_loss(log_history: list[dict], path: Path) -> None:
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    curves = {name: tuple(map(list, zip(*points))) for name, points in (("train", train), ("eval", evals)) if points}
-    if curves:
-        plot_curves(path, curves, "step", "loss", "pretrain loss")

@@ -29,6 +29,7 @@ def test_presets_only_set_sizes_and_steps():
     for key in ("model", "optim", "peft", "run", "seed"):
         assert demo[key] == smoke[key], f"preset changed {key}"
     assert smoke.stages.pretrain.max_steps < demo.stages.pretrain.max_steps
+    assert smoke.stages.sft.max_steps < demo.stages.sft.max_steps
 
 
 def test_overrides_apply_and_unknown_keys_fail():

@@ -1,0 +1,221 @@
+"""Stage `sft`: supervised fine-tuning on chat conversations, loss on the response only, either
+full fine-tuning or through a PEFT adapter (peft=lora|prefix|prompt).
+
+Each task example becomes a conversation, prompt=[user], completion=[assistant], rendered with
+the input checkpoint's chat template. Rows are tokenized here into TRL's pre-tokenized format
+(input_ids + completion_mask): one dataset has to hold both these conversations and the plain
+pretraining texts of the forgetting guard (`pretrain_mix`, full loss), which TRL's raw formats
+cannot mix. TRL's SFTTrainer then builds the labels (completion_only_loss: prompt and padding get
+-100), truncates, packs if asked, collates, adds the MoE router aux loss and trains; checkpoints
+resume like pretrain's.
+
+Hand-off (pipeline.models.save_peft_policy / load_policy): full fine-tuning and LoRA (merged)
+leave a plain checkpoint in final/; prefix and prompt tuning leave the adapter in final/ and the
+frozen base in final/base/.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase, set_seed
+from trl import SFTConfig, SFTTrainer
+from trl.data_utils import common_prefix_length
+
+from pipeline import artifacts, distributed
+from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
+from pipeline.evaluate import evaluate
+from pipeline.models import (
+    count_parameters, is_adapter_checkpoint, load_model, router_logits_off, save_peft_policy, set_router_aux_loss,
+)
+from pipeline.optim import trainer_kwargs
+from pipeline.report import first_and_last_loss, plot_loss
+from pipeline.runner import ConfigError
+from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
+
+SPLITS = ("sft", "eval")
+USES = ("task", "optim", "peft")
+
+
+def validate(cfg, input_path: Path | None) -> None:
+    """Config and input errors, raised as ConfigError before any compute."""
+    stage, peft_cfg = cfg.stages.sft, cfg.peft
+    try:
+        check_peft_config(peft_cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if not 0.0 <= stage.pretrain_mix < 1.0:
+        raise ConfigError(f"stages.sft.pretrain_mix={stage.pretrain_mix} must be in [0, 1)")
+    if stage.eval_examples < 1:
+        raise ConfigError(f"stages.sft.eval_examples={stage.eval_examples}: hold out at least 1 example for eval_loss")
+    if stage.packing and peft_cfg.method in PROMPT_LEARNING:
+        raise ConfigError(
+            f"stages.sft.packing=true with peft={peft_cfg.method}: virtual tokens break the per-example attention "
+            "of packed rows; set stages.sft.packing=false"
+        )
+    if input_path is None:
+        return
+    if is_adapter_checkpoint(input_path):
+        raise ConfigError(
+            f"the sft input {input_path} is a PEFT adapter, not a model; sft fine-tunes a plain checkpoint (peft "
+            "loads saved prefix/prompt adapters for inference only). Start from the base inside a prefix/prompt "
+            f"final/ (stages.sft.init={input_path / 'base'}) or from a LoRA run's merged final/"
+        )
+    input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+
+
+def input_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    try:
+        return load_chat_tokenizer(path, trust_remote_code)
+    except ValueError as err:
+        raise ConfigError(f"sft input: {err}") from err
+
+
+def tokenize_chat(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
+    """The conversation [user: prompt, assistant: completion] through the chat template, with
+    completion_mask 1 on the assistant's tokens (from where it departs from the prompt alone
+    rendered with the generation prompt, as TRL does for conversational data)."""
+    user = [{"role": "user", "content": prompt}]
+    assistant = [{"role": "assistant", "content": completion}]
+    prompt_ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    input_ids = tokenizer.apply_chat_template(user + assistant, tokenize=True, return_dict=True)["input_ids"]
+    n_prompt = common_prefix_length(prompt_ids, input_ids)
+    return {"input_ids": input_ids, "completion_mask": [0] * n_prompt + [1] * (len(input_ids) - n_prompt)}
+
+
+def tokenize_text(tokenizer, text: str) -> dict[str, list[int]]:
+    """A pretraining document as in pretrain (text + eos), every token in the loss."""
+    input_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": input_ids, "completion_mask": [1] * len(input_ids)}
+
+
+def build_datasets(tokenizer, task, stage_cfg, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, eval): the last eval_examples sft examples are held out for eval_loss; the
+    training rows get pretraining texts added so that they make up pretrain_mix of them."""
+    examples = task.sft_examples()
+    n_eval = int(stage_cfg.eval_examples)
+    if len(examples) <= n_eval:
+        raise ValueError(f"{len(examples)} sft examples leave none for training after stages.sft.eval_examples={n_eval}")
+    rows = [tokenize_chat(tokenizer, e["prompt"], e["completion"]) for e in examples[:-n_eval]]
+    n_mix = round(len(rows) * stage_cfg.pretrain_mix / (1.0 - stage_cfg.pretrain_mix))
+    if n_mix:
+        texts = task.pretrain_texts()
+        rows += [tokenize_text(tokenizer, t) for t in random.Random(seed).sample(texts, min(n_mix, len(texts)))]
+    eval_rows = [tokenize_chat(tokenizer, e["prompt"], e["completion"]) for e in examples[-n_eval:]]
+    return Dataset.from_list(rows), Dataset.from_list(eval_rows)
+
+
+def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -> SFTConfig:
+    lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=stage_cfg.max_steps,
+        per_device_train_batch_size=stage_cfg.batch_size,
+        per_device_eval_batch_size=stage_cfg.batch_size,
+        gradient_accumulation_steps=stage_cfg.grad_accum,
+        gradient_checkpointing=bool(stage_cfg.gradient_checkpointing),
+        max_length=stage_cfg.max_length,
+        packing=bool(stage_cfg.packing),
+        completion_only_loss=True,  # pre-tokenized rows: labels from completion_mask
+        eval_strategy="steps",
+        eval_steps=stage_cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=stage_cfg.save_steps,
+        save_total_limit=stage_cfg.save_total_limit,
+        logging_steps=stage_cfg.logging_steps,
+        report_to=[],
+        seed=seed,
+        bf16=False,  # TRL defaults to bf16; the pipeline trains in fp32 like pretrain
+        # Prefix tuning trains without the MoE router aux loss: TRL hands the prefix-lengthened
+        # attention mask to load_balancing_loss_func, which fails on the size mismatch (trl 1.16,
+        # transformers 5.23). None: the model config's coefficient.
+        router_aux_loss_coef=0.0 if peft_cfg.method == "prefix" else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **trainer_kwargs(optim_cfg, lr),
+    )
+
+
+class StageSFTTrainer(SFTTrainer):
+    def evaluate(self, *args, **kwargs):
+        """Report the LM loss alone, not LM + router aux loss (as pretrain does)."""
+        aux_loss_enabled, self.aux_loss_enabled = self.aux_loss_enabled, False
+        try:
+            with router_logits_off(self.model):
+                return super().evaluate(*args, **kwargs)
+        finally:
+            self.aux_loss_enabled = aux_loss_enabled
+
+
+def build_trainer(model, tokenizer, train_data: Dataset, eval_data: Dataset, args: SFTConfig, peft_config) -> StageSFTTrainer:
+    """TRL's trainer; it wraps `model` with `peft_config` (None: train `model` as it is)."""
+    return StageSFTTrainer(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        processing_class=tokenizer, peft_config=peft_config,
+    )
+
+
+def save_final(trainer: StageSFTTrainer, tokenizer, stage_dir: Path):
+    """Write final/ in the layout of the module docstring; return the model as handed off."""
+    model = trainer.model  # wrapped by TRL when an adapter was asked for
+    set_router_aux_loss(model, False)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not isinstance(model, PeftModel):
+        artifacts.save_final(stage_dir, trainer.save_model)
+        return model
+    handed_off = []
+    final = stage_dir / artifacts.FINAL
+    artifacts.save_final(stage_dir, lambda tmp: handed_off.append(save_peft_policy(model, tokenizer, tmp, final)))
+    return handed_off[0]
+
+
+def run(ctx) -> dict[str, float]:
+    cfg = ctx.stage_cfg
+    if ctx.input_path is None:
+        raise ConfigError("sft needs an input checkpoint: set stages.sft.input_stage or stages.sft.init")
+    validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
+    trust = bool(ctx.cfg.model.trust_remote_code)
+    tokenizer = input_tokenizer(ctx.input_path, trust)
+    model = load_model(str(ctx.input_path.resolve()), trust)  # resolved: the adapter records its base
+    peft_config = build_peft_config(ctx.cfg.peft, model)
+    set_router_aux_loss(model, True)
+    train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
+    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config)
+    train_output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
+    eval_metrics = trainer.evaluate()
+
+    trainable, total = count_parameters(trainer.model)
+    model = save_final(trainer, tokenizer, ctx.stage_dir)
+
+    problems = ctx.task.eval_problems()[: cfg.eval_problems]
+    options = dict(prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+    greedy = evaluate(model, tokenizer, ctx.task, problems, **options)
+    set_seed(ctx.cfg.seed)
+    sampled = evaluate(model, tokenizer, ctx.task, problems, temperature=1.0, **options)
+    log_history = trainer.state.log_history
+    if distributed.is_main_process():
+        plot_loss(log_history, ctx.stage_dir / "loss.png", "sft loss (response tokens)")
+    first_loss, last_loss = first_and_last_loss(log_history)
+    runtime = train_output.metrics.get("train_runtime", 0.0)
+    tokens = next((e["num_tokens"] for e in reversed(log_history) if "num_tokens" in e), 0)
+    return {
+        "eval_loss": eval_metrics["eval_loss"],
+        "eval_accuracy": greedy.accuracy,
+        "eval_accuracy_sampled": sampled.accuracy,
+        "eval_tokens_per_problem": greedy.tokens_per_problem,
+        "eval_num_problems": greedy.num_problems,
+        "train_loss": last_loss,
+        "train_loss_first": first_loss,
+        "train_steps": trainer.state.global_step,
+        "train_examples": len(train_data),
+        "train_tokens": tokens,
+        "tokens_per_second": tokens / runtime if runtime else 0.0,
+        "train_runtime_s": runtime,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
