@@ -34,5 +34,12 @@ def world_size() -> int:
     return state().num_processes
 
 
+def backend() -> str | None:
+    """The process-group backend (gloo on CPU), or None for a single process. TrainingArguments
+    must be told it: it rebuilds the accelerate state and, without it, counts one process on a
+    CPU DeepSpeed run, so DeepSpeed rejects the batch size."""
+    return state().backend if world_size() > 1 else None
+
+
 def barrier() -> None:
     state().wait_for_everyone()

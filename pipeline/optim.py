@@ -6,6 +6,8 @@ serves them all; a stage may override the learning rate with its own `lr`.
 
 from __future__ import annotations
 
+from pipeline import distributed
+
 VALID = ("adamw",)
 
 
@@ -24,4 +26,5 @@ def trainer_kwargs(optim_cfg, lr: float | None = None) -> dict:
         lr_scheduler_type=str(optim_cfg.scheduler),
         warmup_steps=float(optim_cfg.warmup_ratio),  # a float in [0, 1) is a ratio of total steps
         max_grad_norm=float(optim_cfg.max_grad_norm),
+        ddp_backend=distributed.backend(),
     )
