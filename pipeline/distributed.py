@@ -6,8 +6,10 @@ thing, and only the main process writes manifests, reports and final/.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -43,3 +45,22 @@ def backend() -> str | None:
 
 def barrier() -> None:
     state().wait_for_everyone()
+
+
+def launcher_sharding() -> str | None:
+    """"deepspeed" or "fsdp" when `accelerate launch` was given such a config, else None."""
+    for name in ("deepspeed", "fsdp"):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true":
+            return name
+    return None
+
+
+def deepspeed_config() -> dict | None:
+    """The DeepSpeed config of an `accelerate launch --config_file conf/accelerate/zero*.yaml`
+    run (its json, or the stage set inline in the accelerate yaml), else None."""
+    if launcher_sharding() != "deepspeed":
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path != "none":
+        return json.loads(Path(path).read_text())
+    return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer
 from pipeline import artifacts, distributed
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
-from pipeline.optim import trainer_kwargs
+from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import plot_curves
 from pipeline.tokenizer import stop_token_ids, train_tokenizer
 
@@ -92,7 +92,7 @@ def run(ctx) -> dict[str, float]:
     train_data = pack(tokenizer, ctx.task.pretrain_texts(), cfg.seq_len)
     eval_data = pack(tokenizer, ctx.task.eval_texts(), cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * distributed.world_size()
-    throughput = Throughput(tokens_per_step)
+    throughput, optimizer_state = Throughput(tokens_per_step), OptimizerStateSize()
     args = TrainingArguments(
         output_dir=str(ctx.stage_dir),
         max_steps=cfg.max_steps,
@@ -117,7 +117,8 @@ def run(ctx) -> dict[str, float]:
         eval_dataset=eval_data,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
-        callbacks=[throughput],
+        callbacks=[throughput, optimizer_state],
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(ctx.cfg.optim, cfg.lr),
     )
     train_output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
     eval_metrics = trainer.evaluate()
@@ -147,6 +148,7 @@ def run(ctx) -> dict[str, float]:
         "resumed_at_step": throughput.start_step,
         "train_tokens": trainer.state.global_step * tokens_per_step,
         "tokens_per_second": throughput.tokens_per_second,
+        "optimizer_state_mb": optimizer_state.megabytes,  # this rank's; a ZeRO shard
         "total_parameters": total,
         "trainable_parameters": trainable,
         "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
