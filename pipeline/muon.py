@@ -81,7 +81,7 @@ def parameter_roles(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
             seen.add(id(param))
             name = f"{module_name}.{param_name}" if module_name else param_name
             ndim = len(logical_shape(param))
-            in_block = re.search(r"\.\d+\.", name) is not None  # e.g. model.layers.3.mlp...
+            in_block = re.search(r"(^|\.)\d+\.", name) is not None  # e.g. model.layers.3.mlp...
             hidden = in_block and not is_router and "lora_" not in name
             if ndim < 2:
                 role = ADAMW_NO_DECAY
