@@ -26,14 +26,19 @@ ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH, SEQ_LEN, VOCAB = 16, 32, 64
 
 
+def initial_model():
+    """The tiny MoE of conf/model/tiny_moe.yaml, the same weights on every call."""
+    model_cfg = OmegaConf.load(ROOT / "conf/model/tiny_moe.yaml")
+    config = AutoConfig.for_model(model_cfg.arch, vocab_size=VOCAB, **OmegaConf.to_container(model_cfg.config))
+    config.output_router_logits = False  # the aux loss of 8 sequences is not half that of 16
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
 def main(out_dir: str, steps: int, overrides: list[str]) -> None:
     distributed.state()  # gloo process group before anything builds an Accelerator
     optim_cfg = OmegaConf.merge(OmegaConf.load(ROOT / "conf/optim/muon.yaml"), OmegaConf.from_dotlist(overrides))
-    model_cfg = OmegaConf.load(ROOT / "conf/model/tiny_moe.yaml")
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_cfg.arch, vocab_size=VOCAB, **OmegaConf.to_container(model_cfg.config))
-    config.output_router_logits = False  # the aux loss of 8 sequences is not half that of 16
-    model = AutoModelForCausalLM.from_config(config)
+    model = initial_model()
     tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1))
     data = Dataset.from_dict({"input_ids": tokens.tolist(), "labels": tokens.tolist()})
     args = TrainingArguments(
