@@ -6,8 +6,10 @@ thing, and only the main process writes manifests, reports and final/.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -34,8 +36,34 @@ def world_size() -> int:
     return state().num_processes
 
 
+def backend() -> str | None:
+    """The process-group backend (gloo on CPU), or None for a single process. TrainingArguments
+    must be told it: it rebuilds the accelerate state and, without it, counts one process on a
+    CPU DeepSpeed run, so DeepSpeed rejects the batch size."""
+    return state().backend if world_size() > 1 else None
+
+
 def barrier() -> None:
     # Not PartialState.wait_for_everyone(): on CPU launches (ACCELERATE_USE_CPU=1, gloo) the
     # state reports DistributedType.NO and its barrier is a no-op, though the group is up.
     if world_size() > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def launcher_sharding() -> str | None:
+    """"deepspeed" or "fsdp" when `accelerate launch` was given such a config, else None."""
+    for name in ("deepspeed", "fsdp"):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true":
+            return name
+    return None
+
+
+def deepspeed_config() -> dict | None:
+    """The DeepSpeed config of an `accelerate launch --config_file conf/accelerate/zero*.yaml`
+    run (its json, or the stage set inline in the accelerate yaml), else None."""
+    if launcher_sharding() != "deepspeed":
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path != "none":
+        return json.loads(Path(path).read_text())
+    return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}

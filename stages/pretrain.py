@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer
 from pipeline import artifacts, distributed, preemption
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
-from pipeline.optim import trainer_kwargs
+from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.tokenizer import stop_token_ids, train_tokenizer
 
@@ -93,7 +93,7 @@ def run(ctx) -> dict[str, float]:
     train_data = pack(tokenizer, ctx.task.pretrain_texts(), cfg.seq_len)
     eval_data = pack(tokenizer, ctx.task.eval_texts(), cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * distributed.world_size()
-    throughput = Throughput(tokens_per_step)
+    throughput, optimizer_state = Throughput(tokens_per_step), OptimizerStateSize()
     args = TrainingArguments(
         output_dir=str(ctx.stage_dir),
         max_steps=cfg.max_steps,
@@ -118,7 +118,8 @@ def run(ctx) -> dict[str, float]:
         eval_dataset=eval_data,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
-        callbacks=[throughput],
+        callbacks=[throughput, optimizer_state],
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(ctx.cfg.optim, cfg.lr),
     )
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
@@ -151,6 +152,7 @@ def run(ctx) -> dict[str, float]:
         "resumed_at_step": throughput.start_step,
         "train_tokens": trainer.state.global_step * tokens_per_step,
         "tokens_per_second": throughput.tokens_per_second,
+        "optimizer_state_mb": optimizer_state.megabytes,  # this rank's; a ZeRO shard
         "total_parameters": total,
         "trainable_parameters": trainable,
         "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),

@@ -31,6 +31,19 @@ def run_cli(*overrides: str, check: bool = True, timeout: float = 600) -> subpro
     return proc
 
 
+def run_accelerate(config: str, *args: str, num_processes: int = 2, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file conf/accelerate/<config>.yaml --num_processes N <args>`
+    from the repo root (the configs point at conf/deepspeed/*.json by relative path)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONF / "accelerate" / f"{config}.yaml"),
+               "--num_processes", str(num_processes), *args]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(command[3:])} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
 def python_in_fresh_process(code: str, timeout: float = 300) -> str:
     """Run code in a new interpreter (nothing from this test process leaks into it)."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd="/")
@@ -43,4 +56,12 @@ def smoke_pretrain_run(tmp_path_factory) -> Path:
     """One smoke pretrain run shared by the tests that only read its outputs."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     run_cli("preset=smoke", f"run.dir={run_dir}", "run.stages=[pretrain]")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def smoke_muon_run(tmp_path_factory) -> Path:
+    """The same smoke pretrain run with optim=muon."""
+    run_dir = tmp_path_factory.mktemp("smoke-muon") / "run"
+    run_cli("preset=smoke", "optim=muon", f"run.dir={run_dir}", "run.stages=[pretrain]")
     return run_dir

@@ -1,0 +1,102 @@
+"""The optim factory: what each launch gets, and the launches it refuses before training."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline import muon
+from pipeline.optim import check_supported, optimizer_cls_and_kwargs, optimizer_state_bytes, trainer_kwargs
+from tests.conftest import CONF, compose_config
+
+
+def optim(name: str, *overrides: str):
+    return compose_config([f"optim={name}", *overrides]).optim
+
+
+def launch_with_deepspeed(monkeypatch, tmp_path, config: dict | str) -> None:
+    """The environment `accelerate launch --config_file conf/accelerate/zero*.yaml` sets."""
+    path = CONF / "deepspeed" / config if isinstance(config, str) else tmp_path / "ds.json"
+    if isinstance(config, dict):
+        path.write_text(json.dumps(config))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+
+
+def test_adamw_is_the_trainers_own():
+    kwargs = trainer_kwargs(optim("adamw"), lr=1e-3)
+    assert kwargs["optim"] == "adamw_torch" and kwargs["learning_rate"] == 1e-3 and kwargs["ddp_backend"] is None
+    assert optimizer_cls_and_kwargs(optim("adamw")) is None
+
+
+def test_muon_is_built_by_the_trainers_factory_hook():
+    factory, kwargs = optimizer_cls_and_kwargs(optim("muon"), lr=2e-3)
+    assert kwargs["settings"] == muon.MuonSettings(lr=2e-3, muon_lr=2e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                                   eps=1e-8, momentum=0.95, adjust_lr="match_rms_adamw")
+    assert kwargs["deepspeed"] is False
+    layer = torch.nn.ModuleList([torch.nn.Linear(8, 8)])  # named "0.weight": a matrix inside a block
+    optimizer = factory()(layer, **kwargs)  # how transformers' Trainer.create_optimizer calls it
+    assert isinstance(optimizer, muon.MuonHybrid)
+    assert [g["rule"] for g in optimizer.param_groups] == ["adamw", "muon"]
+    _, kwargs = optimizer_cls_and_kwargs(optim("muon", "optim.adjust_lr=original", "optim.muon_lr=0.02"))
+    assert kwargs["settings"].muon_lr == 0.02 and kwargs["settings"].lr == 3e-3
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_shipped_zero_configs_run_both_optimizers(monkeypatch, tmp_path, stage):
+    launch_with_deepspeed(monkeypatch, tmp_path, f"zero{stage}.json")
+    check_supported(optim("adamw"))
+    check_supported(optim("muon"))
+    assert optimizer_cls_and_kwargs(optim("muon"))[1]["deepspeed"] is True
+    config = json.loads((CONF / "deepspeed" / f"zero{stage}.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage and "optimizer" not in config
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_clipping"] == "auto"
+    accelerate = OmegaConf.load(CONF / "accelerate" / f"zero{stage}.yaml")
+    assert accelerate.distributed_type == "DEEPSPEED" and accelerate.num_processes == 2
+    assert accelerate.deepspeed_config.deepspeed_config_file == f"conf/deepspeed/zero{stage}.json"
+
+
+@pytest.mark.parametrize(
+    "config, overrides, message",
+    [
+        ({"zero_optimization": {"stage": 0}}, [], r"needs ZeRO stage 1, 2 or 3.*stage 0"),
+        ({"zero_optimization": {"stage": 3}}, [], r"ZeRO-3 needs \"reduce_scatter\": false"),
+        ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, [], r"\"optimizer\" section"),
+        ({"zero_optimization": {"stage": 2}}, ["optim.max_grad_norm=1.0"], r"needs optim.max_grad_norm=0"),
+    ],
+)
+def test_impossible_deepspeed_combinations_are_refused(monkeypatch, tmp_path, config, overrides, message):
+    launch_with_deepspeed(monkeypatch, tmp_path, config)
+    with pytest.raises(ValueError, match=message):
+        trainer_kwargs(optim("muon", *overrides))
+    check_supported(optim("adamw"))  # AdamW runs there
+
+
+def test_muon_under_fsdp_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="does not run under FSDP"):
+        check_supported(optim("muon"))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match=r"optim.adjust_lr='bogus'; valid: match_rms_adamw, original"):
+        trainer_kwargs(optim("muon", "optim.adjust_lr=bogus"))
+    bad = OmegaConf.merge(optim("adamw"), {"name": "sgd"})
+    with pytest.raises(ValueError, match=r"optim='sgd' is not available; valid: adamw, muon"):
+        trainer_kwargs(bad)
+
+
+def test_optimizer_state_bytes_counts_moments_through_wrappers():
+    layer = torch.nn.Linear(100, 10, bias=False)
+    adamw = torch.optim.AdamW(layer.parameters())
+    assert optimizer_state_bytes(adamw) == 0  # no state before the first step
+    layer(torch.randn(3, 100)).sum().backward()
+    adamw.step()
+
+    class Wrapper:  # accelerate's AcceleratedOptimizer, DeepSpeed's ZeRO optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    step_counter = 4  # AdamW keeps a float32 step tensor per parameter
+    assert optimizer_state_bytes(Wrapper(Wrapper(adamw))) == 2 * 1000 * 4 + step_counter
