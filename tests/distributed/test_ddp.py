@@ -19,7 +19,7 @@ def launch(*overrides: str) -> subprocess.CompletedProcess:
 
 def test_two_ranks_share_one_run_dir_and_agree(tmp_path, smoke_pretrain_run):
     run_dir = tmp_path / "run"
-    first = launch("preset=smoke", f"run.dir={run_dir}")
+    first = launch("preset=smoke", "run.stages=[pretrain]", f"run.dir={run_dir}")
     assert "[pipeline rank 0/2] stage pretrain: decision start" in first.stdout
     assert "[pipeline rank 1/2] stage pretrain: decision start" in first.stdout
     # one run dir, one manifest, written once: nothing per rank, nothing left half-written
@@ -35,6 +35,6 @@ def test_two_ranks_share_one_run_dir_and_agree(tmp_path, smoke_pretrain_run):
     assert metrics["train_epochs"] > 1.8 * single["train_epochs"]
     assert metrics["train_tokens"] == 2 * single["train_tokens"]
 
-    again = launch("preset=smoke", f"run.dir={run_dir}")
+    again = launch("preset=smoke", "run.stages=[pretrain]", f"run.dir={run_dir}")
     assert "[pipeline rank 0/2] stage pretrain: decision skip" in again.stdout
     assert "[pipeline rank 1/2] stage pretrain: decision skip" in again.stdout

@@ -54,7 +54,7 @@ def test_completed_stage_is_skipped_on_rerun(smoke_pretrain_run):
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["preset=smoke", f"run.dir={run_dir}", "stages.pretrain.max_steps=60", "stages.pretrain.save_steps=10"]
+    args = ["preset=smoke", "run.stages=[pretrain]", f"run.dir={run_dir}", "stages.pretrain.max_steps=60", "stages.pretrain.save_steps=10"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     stage = run_dir / "pretrain"
@@ -90,7 +90,7 @@ def test_continue_any_local_model_on_user_jsonl_data(smoke_pretrain_run, tmp_pat
     held_out.write_text("\n".join(json.dumps({"prompt": f"Q: {a}+7=?", "answer": str(a + 7)}) for a in range(50, 70)))
     run_dir = tmp_path / "run"
     base = smoke_pretrain_run / "pretrain" / "final"
-    run_cli("preset=smoke", f"run.dir={run_dir}", "model=hf", f"model.path={base}", "task=jsonl",
+    run_cli("preset=smoke", "run.stages=[pretrain]", f"run.dir={run_dir}", "model=hf", f"model.path={base}", "task=jsonl",
             f"task.splits.pretrain={pretrain}", f"task.splits.eval={held_out}", "task.columns.text=content",
             "stages.pretrain.max_steps=6", "stages.pretrain.eval_steps=3", "stages.pretrain.save_steps=3",
             "stages.pretrain.logging_steps=1", "stages.pretrain.lr=1e-5")  # first loss = the loaded weights' loss
@@ -101,7 +101,7 @@ def test_continue_any_local_model_on_user_jsonl_data(smoke_pretrain_run, tmp_pat
     assert metrics["eval_num_problems"] == 20
     assert (run_dir / "pretrain" / "final" / "tokenizer.json").exists()
 
-    proc = run_cli("preset=smoke", f"run.dir={tmp_path / 'bad'}", "task=jsonl", f"task.splits.pretrain={pretrain}",
+    proc = run_cli("preset=smoke", "run.stages=[pretrain]", f"run.dir={tmp_path / 'bad'}", "task=jsonl", f"task.splits.pretrain={pretrain}",
                    f"task.splits.eval={held_out}", check=False)
     assert proc.returncode != 0
     assert "no column 'text'" in proc.stderr and "task.columns.text" in proc.stderr
@@ -112,7 +112,7 @@ def test_sigusr1_saves_a_checkpoint_and_exits_with_the_requeue_code(tmp_path):
 
     run_dir = tmp_path / "run"
     # no periodic checkpoint before step 1000: any checkpoint on disk comes from the signal
-    args = ["preset=smoke", f"run.dir={run_dir}", "stages.pretrain.max_steps=150", "stages.pretrain.save_steps=1000",
+    args = ["preset=smoke", "run.stages=[pretrain]", f"run.dir={run_dir}", "stages.pretrain.max_steps=150", "stages.pretrain.save_steps=1000",
             "stages.pretrain.eval_steps=1000"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
