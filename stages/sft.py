@@ -26,13 +26,13 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
-from pipeline import artifacts, distributed
+from pipeline import artifacts, distributed, preemption
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate
 from pipeline.models import (
     count_parameters, is_adapter_checkpoint, load_model, router_logits_off, save_peft_policy, set_router_aux_loss,
 )
-from pipeline.optim import trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.runner import ConfigError
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
@@ -150,11 +150,15 @@ class StageSFTTrainer(SFTTrainer):
             self.aux_loss_enabled = aux_loss_enabled
 
 
-def build_trainer(model, tokenizer, train_data: Dataset, eval_data: Dataset, args: SFTConfig, peft_config) -> StageSFTTrainer:
-    """TRL's trainer; it wraps `model` with `peft_config` (None: train `model` as it is)."""
+def build_trainer(
+    model, tokenizer, train_data: Dataset, eval_data: Dataset, args: SFTConfig, peft_config, optim_cfg=None
+) -> StageSFTTrainer:
+    """TRL's trainer; it wraps `model` with `peft_config` (None: train `model` as it is).
+    `optim_cfg` with name muon hands the Trainer the Muon/AdamW hybrid at the stage's lr."""
     return StageSFTTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
         processing_class=tokenizer, peft_config=peft_config,
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(optim_cfg, args.learning_rate) if optim_cfg else None,
     )
 
 
@@ -185,8 +189,8 @@ def run(ctx) -> dict[str, float]:
     set_router_aux_loss(model, True)
     train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.cfg.seed)
     args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
-    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config)
-    train_output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
+    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.cfg.optim)
+    train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
 
     trainable, total = count_parameters(trainer.model)
