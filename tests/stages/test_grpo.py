@@ -1,0 +1,103 @@
+"""The grpo stage on preset=smoke: the pretrain -> sft -> grpo chain through the real entry
+point, and (in process, from that chain's sft final/) that training moves the policy and leaves
+the reference alone, for full fine-tuning and LoRA."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from pipeline.models import load_model
+from pipeline.tasks import build_task
+from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
+from stages.grpo import CURVE_FILE, build_dataset, build_rewards, build_trainer, save_final, training_args
+from pipeline.adapters import build_peft_config
+from tests.conftest import compose_config, run_cli
+
+EXPECTED_METRICS = {
+    "eval_accuracy", "eval_accuracy_sampled", "reward_mean", "kl", "scaling_fit_ok", "scaling_points",
+    "step_time_s", "generation_share", "trainable_parameters", "total_parameters",
+}
+FIT_METRICS = {"scaling_A", "scaling_B", "scaling_C_mid", "scaling_R0", "scaling_rmse"}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("grpo") / "run"
+    run_cli("run.stages=[pretrain,sft,grpo]", "preset=smoke", f"run.dir={run_dir}")
+    return run_dir
+
+
+def test_chain_pretrain_sft_grpo_in_one_command(chain):
+    stage = chain / "grpo"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert EXPECTED_METRICS <= metrics.keys(), metrics
+    assert FIT_METRICS <= metrics.keys() if metrics["scaling_fit_ok"] else not FIT_METRICS & metrics.keys()
+    assert metrics["train_steps"] == 6 and metrics["trainable_parameters"] == metrics["total_parameters"]
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and 0.0 <= metrics["eval_accuracy_sampled"] <= 1.0
+    assert metrics["kl"] >= 0.0 and 0.0 < metrics["generation_share"] < 1.0 and metrics["step_time_s"] > 0
+    manifest = json.loads((stage / "stage.json").read_text())
+    assert manifest["status"] == "completed" and manifest["input"] == str(chain / "sft" / "final")
+
+    # the held-out curve: a point before training and one per step, compute strictly increasing
+    points = [json.loads(line) for line in (stage / CURVE_FILE).read_text().splitlines()]
+    assert [p["step"] for p in points] == list(range(7)) and metrics["scaling_points"] == 7
+    assert points[0]["compute"] == 0 and all(b["compute"] > a["compute"] for a, b in zip(points, points[1:]))
+    assert all(p["compute"] == 2 * p["tokens"] for p in points)  # one generation + one training pass
+
+    report = (chain / "report.md").read_text()
+    assert "| grpo | completed |" in report and "grpo/scaling_fit.png" in report and "grpo/reward.png" in report
+
+    # final/ is a plain checkpoint that differs from its input and generates with the chat stops
+    final, before = stage / "final", chain / "sft" / "final"
+    after_weights, before_weights = load_file(final / "model.safetensors"), load_file(before / "model.safetensors")
+    assert any(not torch.equal(after_weights[k], before_weights[k]) for k in before_weights)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.output_router_logits is False
+    assert model.generation_config.eos_token_id == stop_token_ids(load_chat_tokenizer(final))
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_policy_moves_and_reference_does_not(chain, tmp_path, peft):
+    cfg = compose_config(["preset=smoke", f"peft={peft}", "stages.grpo.max_steps=2", "stages.grpo.beta=0.1",
+                          "stages.grpo.lr=1e-3"])
+    stage_cfg, task = cfg.stages.grpo, build_task(cfg.task)
+    sft_final = chain / "sft" / "final"
+    tokenizer = load_chat_tokenizer(sft_final)
+    tokenizer.padding_side = "left"
+    model = load_model(str(sft_final.resolve()))
+    rewards = build_rewards(stage_cfg, task, chain, False)
+    args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path, cfg.seed, rewards[2])
+    trainer = build_trainer(model, tokenizer, build_dataset(task), args, rewards, stage_cfg,
+                            build_peft_config(cfg.peft, model), cfg.optim)
+    policy_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    policy_after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in policy_after.items() if not torch.equal(p, policy_before[n])}
+    kl = [e["kl"] for e in trainer.state.log_history if "kl" in e]
+    assert len(kl) == 2 and all(k >= 0 for k in kl)
+    untouched = load_model(str(sft_final)).state_dict()
+    if peft == "none":
+        assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+        assert len(changed) > 0.5 * len(policy_after)
+        reference = trainer.ref_model.state_dict()
+        assert reference.keys() == untouched.keys()
+        assert all(torch.equal(reference[k], untouched[k]) for k in untouched)
+        return
+    # LoRA: the reference is the base with the adapter disabled; only the adapter trains
+    assert trainer.ref_model is None
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)  # lora_B starts at 0: the update is not a no-op
+    with trainer.model.disable_adapter():
+        base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                for k, v in trainer.model.state_dict().items() if "lora_" not in k}
+    assert base.keys() == untouched.keys()
+    assert all(torch.equal(base[k], untouched[k]) for k in untouched)
+    # hand-off: the merged model in final/, the adapter in final/adapter/
+    handed_off = save_final(trainer, tokenizer, tmp_path)
+    assert (tmp_path / "final" / "config.json").is_file() and (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
+    assert not isinstance(handed_off, type(trainer.model))

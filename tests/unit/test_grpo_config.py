@@ -1,0 +1,71 @@
+"""The grpo stage rejects bad input and config before any stage of the run computes."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.runner import ConfigError, plan_stages
+from pipeline.tokenizer import train_tokenizer
+from tests.conftest import compose_config
+
+TEXTS = ["Q: 47+18-9=?\n47+18=65\n65-9=56\nA: 56\n"] * 20
+
+
+def checkpoint(path: Path, adapter: bool = False) -> Path:
+    """A checkpoint directory as far as validation reads it."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"model_type": "qwen3"}')
+    if adapter:
+        (path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    train_tokenizer(TEXTS, 300).save_pretrained(path)
+    return path
+
+
+def plan_grpo(tmp_path: Path, *overrides: str, init: Path | None = None):
+    init = init or checkpoint(tmp_path / "model")
+    cfg = compose_config(["run.stages=[grpo]", f"stages.grpo.init={init}", f"run.dir={tmp_path / 'run'}", *overrides])
+    return plan_stages(cfg, tmp_path / "run")
+
+
+def test_valid_config_passes(tmp_path):
+    (plan,) = plan_grpo(tmp_path)
+    assert plan.name == "grpo" and plan.input_path.name == "model"
+
+
+def test_adapter_input_is_rejected_naming_the_fix(tmp_path):
+    init = checkpoint(tmp_path / "prefix-final", adapter=True)
+    with pytest.raises(ConfigError, match=r"is a PEFT adapter, not a model.*stages.grpo.init=.*prefix-final/base"):
+        plan_grpo(tmp_path, init=init)
+
+
+def test_reward_model_checkpoint_is_accepted(tmp_path):
+    rm = checkpoint(tmp_path / "rm")
+    (plan,) = plan_grpo(tmp_path, f"stages.grpo.reward_model={rm}", "stages.grpo.reward_weights.reward_model=0.5")
+    assert plan.name == "grpo"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["peft=prefix"], r"not peft=prefix; use peft=none or peft=lora"),
+        (["stages.grpo.num_generations=1", "stages.grpo.batch_size=8"], r"num_generations=1: a group needs at least 2"),
+        (["stages.grpo.num_generations=6"], r"batch_size \* grad_accum = 64 completions per step must be a multiple of num_generations=6"),
+        (["stages.grpo.loss_type=ppo"], r"loss_type='ppo' is unknown; valid: grpo, dr_grpo, dapo"),
+        (["stages.grpo.loss_type=grpo", "stages.grpo.zero_variance=filter"], r"zero_variance=filter .* loss_type=grpo averages per sequence"),
+        (["stages.grpo.zero_variance=drop"], r"zero_variance='drop'; valid: keep, filter, downweight"),
+        (["stages.grpo.scale_rewards=std"], r"scale_rewards='std'; valid: group, batch, none"),
+        (["stages.grpo.beta=-0.1"], r"beta=-0.1 must be >= 0"),
+        (["stages.grpo.scaling_warmup_fraction=1.0"], r"scaling_warmup_fraction=1.0 must be in \[0, 1\)"),
+        (["stages.grpo.reward_weights.correct=0"], r"reward_weights are all 0"),
+        (["+stages.grpo.reward_weights.length=1"], r"unknown rewards \['length'\]"),
+        (["stages.grpo.reward_weights.reward_model=0.5"], r"reward_model is not 0 but stages.grpo.reward_model is unset"),
+        (["stages.grpo.reward_model=/nowhere"], r"reward_model=/nowhere is set but reward_weights.reward_model is 0"),
+        (["stages.grpo.reward_model=/nowhere", "stages.grpo.reward_weights.reward_model=1"], r"/nowhere is not a checkpoint directory"),
+        (["stages.grpo.reward_model=reward", "stages.grpo.reward_weights.reward_model=1"], r"reward_model=reward reads .*/run/reward/final, which does not exist"),
+        (["stages.grpo.reward_weights.format=1", "stages.grpo.format_pattern='(unclosed'"], r"format_pattern='\(unclosed' is not a regular expression"),
+        (["stages.grpo.use_vllm=true"], r"use_vllm=true needs a GPU"),
+    ],
+)
+def test_bad_config_fails_before_compute_naming_the_field(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_grpo(tmp_path, *overrides)
