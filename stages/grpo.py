@@ -53,6 +53,7 @@ ZERO_VARIANCE = ("keep", "filter", "downweight")
 REWARDS = ("correct", "format", "reward_model")
 REWARD_STAGE = "reward"  # stages.grpo.reward_model=reward: this run's reward/final/
 CURVE_FILE = "pass_rate_curve.jsonl"
+LOG_FILE = "log_history.json"
 
 
 # --------------------------------------------------------------------------- config checks
@@ -466,6 +467,8 @@ def run(ctx) -> dict[str, float]:
 
     history = trainer.state.log_history
     reward_curve, kl_curve = logged(history, "reward"), logged(history, "kl")
+    if distributed.is_main_process():
+        artifacts.write_json_atomic(ctx.stage_dir / LOG_FILE, history)  # the reward/KL curves, for benchmarks
     if distributed.is_main_process() and reward_curve:
         curves = {"reward (mean)": tuple(map(list, zip(*reward_curve)))}
         plot_curves(ctx.stage_dir / "reward.png", curves, "step", "reward", "grpo training reward")
