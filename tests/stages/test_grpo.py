@@ -101,3 +101,40 @@ def test_policy_moves_and_reference_does_not(chain, tmp_path, peft):
     handed_off = save_final(trainer, tokenizer, tmp_path)
     assert (tmp_path / "final" / "config.json").is_file() and (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
     assert not isinstance(handed_off, type(trainer.model))
+
+
+def test_reward_model_scores_the_chat_rendering_of_prompt_and_completion(chain, tmp_path):
+    """The reward-model reward, weighted in with the verifier: a tiny sequence classifier built
+    here (the reward stage's contract: num_labels=1, pad_token_id set, chat-template tokenizer)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    sft_final = chain / "sft" / "final"
+    tokenizer = load_chat_tokenizer(sft_final)
+    config = AutoConfig.from_pretrained(sft_final, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+
+    cfg = compose_config(["preset=smoke", f"stages.grpo.reward_model={rm_dir}", "stages.grpo.reward_weights.reward_model=0.5"])
+    stage_cfg, task = cfg.stages.grpo, build_task(cfg.task)
+    funcs, processing, weights = build_rewards(stage_cfg, task, chain, False)
+    assert weights == [1.0, 1.0, 0.5] and processing[2] is not None
+    tokenizer.padding_side = "left"
+    args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path / "out", cfg.seed, weights)
+    trainer = build_trainer(load_model(str(sft_final)), tokenizer, build_dataset(task), args, (funcs, processing, weights),
+                            stage_cfg)
+    prompts = [[{"role": "user", "content": "47+18-9=?"}]] * 2
+    completions = [[{"role": "assistant", "content": "47+18=65\n65-9=56\nA: 56"}], [{"role": "assistant", "content": "A: 7"}]]
+    inputs = [{"prompt": p, "answer": "56"} for p in prompts]
+    rewards = trainer._calculate_rewards(inputs, prompts, completions, [[1], [1]])
+
+    assert rewards[:, 0].tolist() == [1.0, 0.0] and rewards[:, 1].tolist() == [1.0, 1.0]  # verifier, format "A:"
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            expected = rm(**ids).logits[0, 0].item()
+        assert rewards[i, 2].item() == pytest.approx(expected, abs=1e-4)
+    assert rewards[0, 2] != rewards[1, 2]
