@@ -394,6 +394,7 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         report_to=[],
         seed=seed,
         bf16=False,  # TRL defaults to bf16; the pipeline trains in fp32
+        router_aux_loss_coef=None if stage_cfg.router_aux_loss_coef is None else float(stage_cfg.router_aux_loss_coef),
         dataloader_pin_memory=torch.cuda.is_available(),
         **trainer_kwargs(optim_cfg, lr),
     )
