@@ -96,6 +96,14 @@ def validate(cfg, input_path: Path | None) -> None:
     if not 0.0 <= stage.scaling_warmup_fraction < 1.0:
         raise ConfigError(f"stages.grpo.scaling_warmup_fraction={stage.scaling_warmup_fraction} must be in [0, 1)")
     check_rewards(cfg)
+    if stage.freeze and cfg.peft.method != "none":
+        raise ConfigError("stages.grpo.freeze applies to full fine-tuning; with peft=lora choose peft.target_modules / "
+                          "peft.target_parameters instead")
+    for pattern in stage.freeze:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"stages.grpo.freeze: {pattern!r} is not a regular expression: {err}") from err
     if stage.use_vllm and not torch.cuda.is_available():
         raise ConfigError("stages.grpo.use_vllm=true needs a GPU (and the vllm package); set stages.grpo.use_vllm=false")
     if input_path is None:
@@ -386,6 +394,7 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         epsilon_high=float(stage_cfg.epsilon_high) if stage_cfg.epsilon_high is not None else None,
         num_iterations=int(stage_cfg.num_iterations),
         scale_rewards=str(stage_cfg.scale_rewards),
+        entropy_coef=float(stage_cfg.entropy_coef),
         reward_weights=reward_weights,
         save_strategy="steps",
         save_steps=stage_cfg.save_steps,
@@ -411,6 +420,21 @@ def build_trainer(model, tokenizer, train_data: Dataset, args: GRPOConfig, rewar
     if optim_cfg is not None:  # GRPOTrainer's constructor has no optimizer_cls_and_kwargs (trl 1.16)
         trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(optim_cfg, args.learning_rate)
     return trainer
+
+
+def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> int:
+    """Freeze every parameter whose name matches one of the regular expressions; returns how many."""
+    if not patterns:
+        return 0
+    regexes = [re.compile(p) for p in patterns]
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(r.search(name) for r in regexes):
+            param.requires_grad_(False)
+            frozen += 1
+    if not frozen:
+        raise ConfigError(f"stages.grpo.freeze={patterns} matches no parameter of {type(model).__name__}")
+    return frozen
 
 
 def save_final(trainer: StageGRPOTrainer, tokenizer, stage_dir: Path):
@@ -442,6 +466,7 @@ def run(ctx) -> dict[str, float]:
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     model = load_model(str(ctx.input_path.resolve()), trust)  # resolved: TRL reloads the reference from it
     set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
+    freeze_parameters(model, list(cfg.freeze))
     peft_config = build_peft_config(ctx.cfg.peft, model)
     rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust)
     args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[2])

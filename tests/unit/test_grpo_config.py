@@ -64,6 +64,8 @@ def test_reward_model_checkpoint_is_accepted(tmp_path):
         (["stages.grpo.reward_model=reward", "stages.grpo.reward_weights.reward_model=1"], r"reward_model=reward reads .*/run/reward/final, which does not exist"),
         (["stages.grpo.reward_weights.format=1", "stages.grpo.format_pattern='(unclosed'"], r"format_pattern='\(unclosed' is not a regular expression"),
         (["stages.grpo.use_vllm=true"], r"use_vllm=true needs a GPU"),
+        (["peft=lora", "stages.grpo.freeze=[self_attn]"], r"freeze applies to full fine-tuning; with peft=lora choose"),
+        (["stages.grpo.freeze=['(attn']"], r"freeze: '\(attn' is not a regular expression"),
     ],
 )
 def test_bad_config_fails_before_compute_naming_the_field(tmp_path, overrides, message):

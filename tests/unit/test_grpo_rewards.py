@@ -10,8 +10,10 @@ from datasets import Dataset
 from pipeline.models import build_model
 from pipeline.tasks import build_task
 from pipeline.tokenizer import train_tokenizer
+from pipeline.runner import ConfigError
 from stages.grpo import (
-    StageGRPOTrainer, build_dataset, format_reward, training_args, verifier_reward, zero_variance_weights,
+    StageGRPOTrainer, build_dataset, format_reward, freeze_parameters, training_args, verifier_reward,
+    zero_variance_weights,
 )
 from tests.conftest import compose_config
 
@@ -147,3 +149,16 @@ def test_zero_variance_groups_are_filtered_or_downweighted(tiny_policy, tmp_path
     torch.testing.assert_close(rows, expected * (out["completion_mask"].sum(dim=1) > 0))
     lengths = out["completion_mask"].sum(dim=1).float()
     assert out["num_items_in_batch"].item() == pytest.approx((lengths * expected).sum().item())
+
+
+def test_freeze_keeps_matching_parameters_frozen(tiny_policy):
+    _, _, tokenizer, model = tiny_policy
+    cfg = compose_config(["preset=smoke"])
+    fresh = build_model(cfg.model, tokenizer)
+    assert freeze_parameters(fresh, []) == 0 and all(p.requires_grad for p in fresh.parameters())
+    frozen = freeze_parameters(fresh, [r"self_attn\.(q|k|v|o)_proj"])
+    assert frozen == 4 * 4  # 4 layers x q, k, v, o
+    for name, param in fresh.named_parameters():
+        assert param.requires_grad == ("self_attn" not in name or "norm" in name), name
+    with pytest.raises(ConfigError, match=r"freeze=\['nothing_like_this'\] matches no parameter"):
+        freeze_parameters(fresh, ["nothing_like_this"])
