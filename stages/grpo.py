@@ -61,11 +61,26 @@ LOG_FILE = "log_history.json"
 
 def validate(cfg, input_path: Path | None) -> None:
     """Config and input errors, raised as ConfigError before any compute."""
-    stage = cfg.stages.grpo
     try:
         check_peft_config(cfg.peft)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    check_objective(cfg)
+    check_rewards(cfg)
+    if input_path is None:
+        return
+    if is_adapter_checkpoint(input_path):
+        raise ConfigError(
+            f"the grpo input {input_path} is a PEFT adapter, not a model; grpo trains a plain checkpoint. Start from "
+            f"the base inside a prefix/prompt final/ (stages.grpo.init={input_path / 'base'}) or from a LoRA run's "
+            "merged final/"
+        )
+    input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+
+
+def check_objective(cfg) -> None:
+    """Rollout, loss and training knobs."""
+    stage = cfg.stages.grpo
     if cfg.peft.method not in ("none", "lora"):
         raise ConfigError(f"grpo trains the full model or a LoRA adapter, not peft={cfg.peft.method}; use peft=none or peft=lora")
     if stage.num_generations < 2:
@@ -95,7 +110,6 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError("stages.grpo.eval_every and stages.grpo.curve_problems must be >= 1")
     if not 0.0 <= stage.scaling_warmup_fraction < 1.0:
         raise ConfigError(f"stages.grpo.scaling_warmup_fraction={stage.scaling_warmup_fraction} must be in [0, 1)")
-    check_rewards(cfg)
     if stage.freeze and cfg.peft.method != "none":
         raise ConfigError("stages.grpo.freeze applies to full fine-tuning; with peft=lora choose peft.target_modules / "
                           "peft.target_parameters instead")
@@ -106,15 +120,6 @@ def validate(cfg, input_path: Path | None) -> None:
             raise ConfigError(f"stages.grpo.freeze: {pattern!r} is not a regular expression: {err}") from err
     if stage.use_vllm and not torch.cuda.is_available():
         raise ConfigError("stages.grpo.use_vllm=true needs a GPU (and the vllm package); set stages.grpo.use_vllm=false")
-    if input_path is None:
-        return
-    if is_adapter_checkpoint(input_path):
-        raise ConfigError(
-            f"the grpo input {input_path} is a PEFT adapter, not a model; grpo trains a plain checkpoint. Start from "
-            f"the base inside a prefix/prompt final/ (stages.grpo.init={input_path / 'base'}) or from a LoRA run's "
-            "merged final/"
-        )
-    input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
 
 
 def check_rewards(cfg) -> None:
@@ -374,6 +379,9 @@ def build_dataset(task) -> Dataset:
 
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, reward_weights: list[float]) -> GRPOConfig:
     lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
+    optimizer = trainer_kwargs(optim_cfg, lr)
+    if stage_cfg.adam_epsilon is not None:
+        optimizer["adam_epsilon"] = float(stage_cfg.adam_epsilon)
     return GRPOConfig(
         output_dir=str(output_dir),
         max_steps=stage_cfg.max_steps,
@@ -405,7 +413,7 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         bf16=False,  # TRL defaults to bf16; the pipeline trains in fp32
         router_aux_loss_coef=None if stage_cfg.router_aux_loss_coef is None else float(stage_cfg.router_aux_loss_coef),
         dataloader_pin_memory=torch.cuda.is_available(),
-        **trainer_kwargs(optim_cfg, lr),
+        **optimizer,
     )
 
 

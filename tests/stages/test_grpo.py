@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from pipeline.adapters import build_peft_config
 from pipeline.models import load_model
 from pipeline.tasks import build_task
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 from stages.grpo import CURVE_FILE, build_dataset, build_rewards, build_trainer, save_final, training_args
-from pipeline.adapters import build_peft_config
 from tests.conftest import compose_config, run_cli
 
 EXPECTED_METRICS = {

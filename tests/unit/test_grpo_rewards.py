@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 
 from pipeline.models import build_model
 from pipeline.tasks import build_task
