@@ -49,7 +49,7 @@ def test_reward_model_checkpoint_is_accepted(tmp_path):
     [
         (["peft=prefix"], r"not peft=prefix; use peft=none or peft=lora"),
         (["stages.grpo.num_generations=1", "stages.grpo.batch_size=8"], r"num_generations=1: a group needs at least 2"),
-        (["stages.grpo.num_generations=6"], r"batch_size \* grad_accum = 64 completions per step must be a multiple of num_generations=6"),
+        (["stages.grpo.num_generations=6", "stages.grpo.batch_size=64"], r"batch_size \* grad_accum = 64 completions per step must be a multiple of num_generations=6"),
         (["stages.grpo.loss_type=ppo"], r"loss_type='ppo' is unknown; valid: grpo, dr_grpo, dapo"),
         (["stages.grpo.loss_type=grpo", "stages.grpo.zero_variance=filter"], r"zero_variance=filter .* loss_type=grpo averages per sequence"),
         (["stages.grpo.zero_variance=drop"], r"zero_variance='drop'; valid: keep, filter, downweight"),
