@@ -1,8 +1,9 @@
 """The grpo stage on preset=smoke: the pretrain -> sft -> grpo chain through the real entry
 point, and (in process, from that chain's sft final/) that training moves the policy and leaves
-the reference alone, for full fine-tuning and LoRA."""
+the reference alone, for full fine-tuning and LoRA; the reward-model reward; resume."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,27 @@ def test_reward_model_scores_the_chat_rendering_of_prompt_and_completion(chain, 
             expected = rm(**ids).logits[0, 0].item()
         assert rewards[i, 2].item() == pytest.approx(expected, abs=1e-4)
     assert rewards[0, 2] != rewards[1, 2]
+
+
+def test_interrupted_run_resumes_and_keeps_its_pass_rate_curve(chain, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["preset=smoke", "run.stages=[grpo]", f"stages.grpo.init={chain / 'sft' / 'final'}", f"run.dir={run_dir}"]
+    run_cli(*args)
+    stage = run_dir / "grpo"
+    first = [json.loads(line) for line in (stage / CURVE_FILE).read_text().splitlines()]
+    # as if killed after checkpoint-3 was written: no final/, the manifest still says running
+    manifest = json.loads((stage / "stage.json").read_text())
+    manifest["status"] = "running"
+    (stage / "stage.json").write_text(json.dumps(manifest))
+    for leftover in ("final", "checkpoint-6"):
+        shutil.rmtree(stage / leftover)
+    (stage / "metrics.json").unlink()
+
+    out = run_cli(*args)
+    assert "resuming from checkpoint-3" in out.stdout
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["train_steps"] == 6 and metrics["scaling_points"] == 7
+    points = [json.loads(line) for line in (stage / CURVE_FILE).read_text().splitlines()]
+    assert [p["step"] for p in points] == list(range(7))  # steps 0-3 kept, 4-6 measured again, none twice
+    assert points[:4] == first[:4]
+    assert [p["compute"] for p in points] == sorted(p["compute"] for p in points)  # token count restored
