@@ -13,7 +13,7 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pipeline import artifacts, distributed
-from pipeline.tokenizer import stop_token_ids
+from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_DIR = "adapter"  # every PEFT final/ keeps its adapter here
@@ -42,6 +42,22 @@ def load_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
 
 def is_adapter_checkpoint(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint a stage is about to train (sft, reward, dpo, grpo); ValueError
+    naming the fix if it is an adapter (peft cannot train a saved prefix/prompt adapter further) or
+    lacks a chat template."""
+    if is_adapter_checkpoint(path):
+        raise ValueError(
+            f"the {stage} input {path} is a PEFT adapter, not a model; {stage} trains a plain checkpoint (peft "
+            "loads saved prefix/prompt adapters for inference only). Start from the base inside a prefix/prompt "
+            f"final/ (stages.{stage}.init={path / BASE_DIR}) or from a LoRA run's merged final/"
+        )
+    try:
+        return load_chat_tokenizer(path, trust_remote_code)
+    except ValueError as err:
+        raise ValueError(f"{stage} input: {err}") from err
 
 
 def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel | PeftModel:
@@ -105,8 +121,9 @@ def save_policy(trainer, tokenizer, stage_dir: Path) -> PreTrainedModel | PeftMo
     `generate` on the checkpoint stops where the pipeline's evaluation does."""
     model = trainer.model  # wrapped by TRL when an adapter was asked for
     set_router_aux_loss(model, False)
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:  # a reward model has none
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     if not isinstance(model, PeftModel):
         artifacts.save_final(stage_dir, trainer.save_model)
         return model

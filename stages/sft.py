@@ -29,12 +29,11 @@ from pipeline import artifacts, distributed, preemption
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate_policy
 from pipeline.models import (
-    count_parameters, is_adapter_checkpoint, load_model, router_logits_off, save_policy, set_router_aux_loss,
+    check_trainable_input, count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
 )
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.runner import ConfigError
-from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 
 SPLITS = ("sft", "eval")
 USES = ("task", "optim", "peft")
@@ -56,22 +55,15 @@ def validate(cfg, input_path: Path | None) -> None:
             f"stages.sft.packing=true with peft={peft_cfg.method}: virtual tokens break the per-example attention "
             "of packed rows; set stages.sft.packing=false"
         )
-    if input_path is None:
-        return
-    if is_adapter_checkpoint(input_path):
-        raise ConfigError(
-            f"the sft input {input_path} is a PEFT adapter, not a model; sft fine-tunes a plain checkpoint (peft "
-            "loads saved prefix/prompt adapters for inference only). Start from the base inside a prefix/prompt "
-            f"final/ (stages.sft.init={input_path / 'base'}) or from a LoRA run's merged final/"
-        )
-    input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+    if input_path is not None:
+        input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
 
 
 def input_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     try:
-        return load_chat_tokenizer(path, trust_remote_code)
+        return check_trainable_input(path, "sft", trust_remote_code)
     except ValueError as err:
-        raise ConfigError(f"sft input: {err}") from err
+        raise ConfigError(str(err)) from err
 
 
 def tokenize_chat(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
