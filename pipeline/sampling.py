@@ -109,13 +109,21 @@ def log_acceptance(alpha, prop_lp, prop_lq, cur_lp, cur_lq, cur_length, prop_len
 
 @dataclass
 class PowerSamples:
-    """Per prompt: the final completion's token ids (stop token included if it ended) and the
-    number of tokens generated for it in total (every proposal counted); plus the MH counts."""
+    """Per prompt: the final completion's token ids (stop token included if it ended), its log p
+    under the model at temperature 1 (as the sampler scored it), the number of tokens generated
+    for it in total (every proposal counted), and its trace: (resample position, proposal log p)
+    of every MH step; plus the MH counts over all prompts."""
 
     token_ids: list[list[int]]
+    log_p: list[float]
     generated_tokens: list[int]
-    proposals: int
-    accepted: int
+    trace: list[list[tuple[int, float]]]
+    proposals: int = 0
+    accepted: int = 0
+
+    @classmethod
+    def empty(cls, n: int) -> PowerSamples:
+        return cls([[] for _ in range(n)], [0.0] * n, [0] * n, [[] for _ in range(n)])
 
     @property
     def acceptance_rate(self) -> float:
@@ -165,7 +173,7 @@ def power_sample_reference(
     _check_model(model)
     model.eval()
     stops = set(stop_ids)
-    outputs, generated, proposals, accepted = [], [], 0, 0
+    out = PowerSamples.empty(len(prompt_ids))
     one = torch.tensor([0])
     with router_logits_off(model):
         for index, prompt in enumerate(prompt_ids):
@@ -179,15 +187,15 @@ def power_sample_reference(
                     new, new_lp, new_lq = _reference_generate(model, prompt + x[:i], i, limit, alpha, stops, rng, one)
                     count += len(new)
                     log_r = log_acceptance(alpha, sum(new_lp), sum(new_lq), sum(lp[i:]), sum(lq[i:]), len(x), i + len(new))
-                    proposals += 1
+                    out.trace[index].append((i, sum(new_lp)))
+                    out.proposals += 1
                     if math.log(float(rng.draw(one)[0])) < float(log_r):
-                        accepted += 1
+                        out.accepted += 1
                         x, lp, lq = x[:i] + new, lp[:i] + new_lp, lq[:i] + new_lq
                 if x[-1] in stops:
                     break
-            outputs.append(x)
-            generated.append(count)
-    return PowerSamples(outputs, generated, proposals, accepted)
+            out.token_ids[index], out.log_p[index], out.generated_tokens[index] = x, sum(lp), count
+    return out
 
 
 # --------------------------------------------------------------------------- fast, batched
@@ -223,7 +231,7 @@ class _Chains:
             self.lq = torch.nn.functional.pad(self.lq, (0, extra))
 
 
-def _decode(model, chains: _Chains, start, active, limit, alpha, stops, pad_id, rng):
+def _decode(model, chains: _Chains, start, active, limit, *, alpha, stops: torch.Tensor, pad_id, rng):
     """Sample completion tokens start..limit-1 from q for the `active` rows, all rows in one
     batched decode over the kept cache. Row r keeps prompt + tokens[:start_r] and re-feeds the
     token just before start_r (its cache slot is masked), so its first step yields the
@@ -245,7 +253,6 @@ def _decode(model, chains: _Chains, start, active, limit, alpha, stops, pad_id, 
     new_lq = torch.zeros_like(new_lp)
     count = torch.zeros(rows, dtype=torch.long)
     running = active.clone()
-    stop_tensor = torch.tensor(sorted(stops))
     fed = 0
     for step in range(steps):
         mask = torch.cat([mask, running.long().unsqueeze(1)], dim=1)
@@ -262,7 +269,7 @@ def _decode(model, chains: _Chains, start, active, limit, alpha, stops, pad_id, 
         new_lp[running, step] = log_p.gather(1, sampled.unsqueeze(1)).squeeze(1)[running]
         new_lq[running, step] = log_q.gather(1, sampled.unsqueeze(1)).squeeze(1)[running]
         count += running.long()
-        finished = torch.isin(sampled, stop_tensor) | (start + step + 1 >= limit)
+        finished = torch.isin(sampled, stops) | (start + step + 1 >= limit)
         running = running & ~finished
         if not running.any():
             break
@@ -311,20 +318,13 @@ def power_sample(
     Chain c (the prompt's index) draws from ChainRandom(seed, [c]), as in power_sample_reference."""
     _check_model(model)
     model.eval()
-    outputs: list[list[int]] = [[] for _ in prompt_ids]
-    generated = [0] * len(prompt_ids)
-    proposals = accepted = 0
-    stops = set(stop_ids)
+    out = PowerSamples.empty(len(prompt_ids))
+    params = _Params(alpha, mcmc_steps, block_size, max_new_tokens, torch.tensor(sorted(set(stop_ids))), pad_id)
     with router_logits_off(model):
         for first in range(0, len(prompt_ids), batch_size):
-            batch = prompt_ids[first : first + batch_size]
-            rng = ChainRandom(seed, list(range(first, first + len(batch))))
-            counts, n_prop, n_acc = _power_sample_batch(model, batch, rng, alpha, mcmc_steps, block_size,
-                                                        max_new_tokens, stops, pad_id, outputs, first)
-            for k, c in enumerate(counts):
-                generated[first + k] = c
-            proposals, accepted = proposals + n_prop, accepted + n_acc
-    return PowerSamples(outputs, generated, proposals, accepted)
+            chains = list(range(first, min(first + batch_size, len(prompt_ids))))
+            _power_sample_batch(model, [prompt_ids[c] for c in chains], ChainRandom(seed, chains), params, out, first)
+    return out
 
 
 def _prefill(model, prompts: list[list[int]], pad_id: int) -> _Chains:
@@ -344,40 +344,51 @@ def _prefill(model, prompts: list[list[int]], pad_id: int) -> _Chains:
     )
 
 
-def _power_sample_batch(model, prompts, rng, alpha, mcmc_steps, block_size, max_new_tokens, stops, pad_id, outputs, first):
-    chains = _prefill(model, prompts, pad_id)
-    counts = [0] * len(prompts)
-    proposals = accepted = 0
-    stop_tensor = torch.tensor(sorted(stops))
-    for limit in block_limits(max_new_tokens, block_size):
+@dataclass(frozen=True)
+class _Params:
+    alpha: float
+    mcmc_steps: int
+    block_size: int
+    max_new_tokens: int
+    stops: torch.Tensor
+    pad_id: int
+
+
+def _power_sample_batch(model, prompts: list[list[int]], rng: ChainRandom, params: _Params, out: PowerSamples, first: int):
+    """Run the chains of `prompts` (out's entries first, first + 1, ...) to the end, into `out`."""
+    chains = _prefill(model, prompts, params.pad_id)
+    sample = dict(alpha=params.alpha, stops=params.stops, pad_id=params.pad_id, rng=rng)
+    for limit in block_limits(params.max_new_tokens, params.block_size):
         # extend every live chain (none has ended: ended chains left the batch) to the new limit
         start, every = chains.length.clone(), torch.ones_like(chains.length, dtype=torch.bool)
-        new = _decode(model, chains, start, every, limit, alpha, stops, pad_id, rng)
-        _install(chains, start, every, *new, limit, pad_id)
-        per_row = new[3]
-        for _ in range(mcmc_steps):
-            uniforms = rng.draw(chains.rows)
-            start = (uniforms * chains.length).long().clamp(max=chains.length - 1)
-            tokens, lp, lq, count, fed = _decode(model, chains, start, every, limit, alpha, stops, pad_id, rng)
+        new = _decode(model, chains, start, every, limit, **sample)
+        _install(chains, start, every, *new, limit, params.pad_id)
+        generated = new[3]
+        for _ in range(params.mcmc_steps):
+            start = (rng.draw(chains.rows) * chains.length).long().clamp(max=chains.length - 1)
+            tokens, lp, lq, count, fed = _decode(model, chains, start, every, limit, **sample)
             suffix = torch.arange(chains.tokens.shape[1]).unsqueeze(0) >= start.unsqueeze(1)
             log_r = log_acceptance(
-                alpha, lp.sum(1), lq.sum(1), (chains.lp * suffix).sum(1), (chains.lq * suffix).sum(1),
+                params.alpha, lp.sum(1), lq.sum(1), (chains.lp * suffix).sum(1), (chains.lq * suffix).sum(1),
                 chains.length, start + count,
             )
             take = torch.log(rng.draw(chains.rows)) < log_r
-            _install(chains, start, take, tokens, lp, lq, count, fed, limit, pad_id)
-            per_row = per_row + count
-            proposals += int(take.numel())
-            accepted += int(take.sum())
-        for r, c in zip(chains.rows.tolist(), per_row.tolist()):
-            counts[r] += c
-        ended = torch.isin(_last_token(chains), stop_tensor) | (limit >= max_new_tokens)
+            _install(chains, start, take, tokens, lp, lq, count, fed, limit, params.pad_id)
+            generated = generated + count
+            for row, position, proposal_lp in zip(chains.rows.tolist(), start.tolist(), lp.sum(1).tolist()):
+                out.trace[first + row].append((position, proposal_lp))
+            out.proposals += int(take.numel())
+            out.accepted += int(take.sum())
+        for row, count in zip(chains.rows.tolist(), generated.tolist()):
+            out.generated_tokens[first + row] += count
+        ended = torch.isin(_last_token(chains), params.stops) | (limit >= params.max_new_tokens)
         for r in ended.nonzero().squeeze(1).tolist():
-            outputs[first + int(chains.rows[r])] = chains.tokens[r, : chains.length[r]].tolist()
+            chain = first + int(chains.rows[r])
+            out.token_ids[chain] = chains.tokens[r, : chains.length[r]].tolist()
+            out.log_p[chain] = float(chains.lp[r].sum())
         if ended.all():
             break
         chains.select((~ended).nonzero().squeeze(1))
-    return counts, proposals, accepted
 
 
 # --------------------------------------------------------------------------- selection rules
