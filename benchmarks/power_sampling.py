@@ -84,12 +84,13 @@ def methods(model, tokenizer, task, n: int, settings: TestTimeSettings, reward_p
     if reward_path:
         reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path)
         reward = RewardScorer(reward_model, AutoTokenizer.from_pretrained(reward_path), settings.batch_size)
+    candidates: dict = {}
     print(f"  {'method':<16} {'accuracy':>8} {'tokens/problem':>15} {'wall (s)':>9}")
     for method in METHODS:
         if method == "best_of_n" and reward is None:
             print(f"  {method:<16} (no --reward-model)")
             continue
-        r = run_method(method, model, tokenizer, task, problems, settings, reward)
+        r = run_method(method, model, tokenizer, task, problems, settings, reward, candidates)
         extra = f"  acceptance {r.extras['acceptance_rate']:.3f}" if "acceptance_rate" in r.extras else ""
         print(f"  {method:<16} {r.accuracy:8.3f} {r.tokens_per_problem:15.1f} {r.wall_time_s:9.1f}{extra}", flush=True)
 

@@ -468,26 +468,37 @@ class MethodResult:
     extras: dict[str, float] = field(default_factory=dict)
 
 
-def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature: float, n: int):
+def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature: float, n: int, cache: dict | None):
+    """(texts, counts, seconds) of n samples per prompt; from `cache` if these were drawn before."""
+    key = (tuple(prompts), temperature, n)
+    if cache is not None and key in cache:
+        return cache[key]
+    start = time.perf_counter()
     torch.manual_seed(settings.seed)
-    return generate(model, tokenizer, prompts, temperature=temperature, num_samples=n,
-                    max_new_tokens=settings.max_new_tokens, batch_size=max(1, settings.batch_size // n))
+    texts, counts = generate(model, tokenizer, prompts, temperature=temperature, num_samples=n,
+                             max_new_tokens=settings.max_new_tokens, batch_size=max(1, settings.batch_size // n))
+    result = (texts, counts, time.perf_counter() - start)
+    if cache is not None:
+        cache[key] = result
+    return result
 
 
 def run_method(method: str, model, tokenizer, task, problems: list[dict], settings: TestTimeSettings,
-               reward: RewardScorer | None = None) -> MethodResult:
+               reward: RewardScorer | None = None, cache: dict | None = None) -> MethodResult:
     """Answer every problem with `method` (one of METHODS), chat format; accuracy by the task's
-    verifier, cost in generated tokens."""
+    verifier, cost in generated tokens. Pass one `cache` dict to several calls and majority_vote
+    and best_of_n choose among the same candidates, drawn once; each still reports their full
+    cost (tokens and the time it took to draw them)."""
     if method not in METHODS:
         raise ValueError(f"unknown test-time method {method!r}; valid: {', '.join(METHODS)}")
     if method == "best_of_n" and reward is None:
         raise ValueError("best_of_n needs a reward model")
-    start = time.perf_counter()
+    start, drawing = time.perf_counter(), 0.0
     prompts = render_prompts(tokenizer, task, [p["prompt"] for p in problems], "chat")
     extras: dict[str, float] = {}
     if method in ("greedy", "sample", "low_temperature"):
         temperature = {"greedy": 0.0, "sample": settings.sample_temperature, "low_temperature": 1.0 / settings.alpha}[method]
-        texts, counts = _samples(model, tokenizer, prompts, settings, temperature, 1)
+        texts, counts, _ = _samples(model, tokenizer, prompts, settings, temperature, 1, None)
         chosen, cost = [t[0] for t in texts], [c[0] for c in counts]
     elif method == "power":
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -500,7 +511,10 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
         cost = result.generated_tokens
         extras["acceptance_rate"] = result.acceptance_rate
     else:
-        texts, counts = _samples(model, tokenizer, prompts, settings, settings.sample_temperature, settings.num_samples)
+        before = time.perf_counter()
+        texts, counts, drawing = _samples(model, tokenizer, prompts, settings, settings.sample_temperature,
+                                          settings.num_samples, cache)
+        drawing -= time.perf_counter() - before  # the part of the drawing time not spent in this call
         if method == "majority_vote":
             picks = [majority_vote([task.extract_answer(t) for t in candidates]) for candidates in texts]
         else:
@@ -511,4 +525,5 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
         chosen, cost = [c[k] for c, k in zip(texts, picks)], [sum(c) for c in counts]
     rewards = [task.verify(text, p["answer"]) for text, p in zip(chosen, problems)]
     n = max(len(problems), 1)
-    return MethodResult(method, sum(rewards) / n, sum(cost) / n, time.perf_counter() - start, len(problems), chosen, extras)
+    wall = time.perf_counter() - start + drawing
+    return MethodResult(method, sum(rewards) / n, sum(cost) / n, wall, len(problems), chosen, extras)

@@ -154,9 +154,9 @@ def run(ctx) -> dict[str, float]:
         else:
             reward = load_reward(path, trust, settings.batch_size)
     problems = ctx.task.eval_problems()[: cfg.eval_problems]
-    results = []
+    results, candidates = [], {}  # majority_vote and best_of_n share their candidates
     for method in methods:
-        result = run_method(method, model, tokenizer, ctx.task, problems, settings, reward)
+        result = run_method(method, model, tokenizer, ctx.task, problems, settings, reward, candidates)
         log(f"stage test_time: {method}: accuracy {result.accuracy:.3f}, {result.tokens_per_problem:.1f} tokens/problem, "
             f"{result.wall_time_s:.1f}s")
         results.append(result)
