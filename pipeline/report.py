@@ -54,6 +54,8 @@ def summary_table(run_dir: Path, order: list[str]) -> list[str]:
     """One row per stage with the headline metrics every stage shares, side by side."""
     rows = {stage: artifacts.read_metrics(run_dir / stage) or {} for stage in order}
     columns = [m for m in HEADLINE if any(m in metrics for metrics in rows.values())]
+    if not columns:  # e.g. only test_time, whose numbers are per method (its own table follows)
+        return []
     lines = ["| stage | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for stage, metrics in rows.items():
         lines.append(f"| {stage} | " + " | ".join(format_value(metrics.get(m, "")) for m in columns) + " |")

@@ -85,6 +85,8 @@ def test_best_of_n_with_a_reward_model(chain_run, tmp_path):
     # both choose among the same num_samples candidates per problem, at the same cost
     assert result["tokens_per_problem/best_of_n"] == result["tokens_per_problem/majority_vote"] > 0
     assert "accuracy/greedy" not in result
+    report = (out_dir / "report.md").read_text()
+    assert "| best_of_n |" in report and "| stage |  |" not in report  # no empty headline table
 
 
 def plan_test_time(tmp_path: Path, *overrides: str, stages: str = "[test_time]"):
