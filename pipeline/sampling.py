@@ -133,24 +133,35 @@ class PowerSamples:
 # --------------------------------------------------------------------------- reference
 
 
-def _check_model(model) -> None:
-    if getattr(getattr(model, "peft_config", None), "__len__", None) and any(
-        c.is_prompt_learning for c in model.peft_config.values()
-    ):
-        raise ValueError(
-            "power sampling runs its own decode loop on a plain causal LM; a prefix/prompt-tuning adapter is not "
-            "supported (use a full or LoRA-merged checkpoint, or the other test-time methods)"
-        )
+VIRTUAL_TOKEN_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING")  # prompt-learning adapters power sampling supports
 
 
-def _reference_generate(model, prefix: list[int], start: int, limit: int, alpha, stops, rng, row) -> tuple:
+def _virtual_tokens(model) -> tuple[object, str | None, int]:
+    """(the model that decodes, the prompt-learning type or None, its number of virtual tokens).
+
+    A prefix/prompt-tuning PeftModel puts virtual tokens before the prompt: key/value vectors
+    (prefix) or input embeddings (prompt). The samplers place them once, before the prompt,
+    with positions 0..n-1 (prompt token k at n + k, as peft trains them), and decode with the
+    base model after that."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not model.active_peft_config.is_prompt_learning:
+        return model, None, 0
+    config = model.active_peft_config
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind not in VIRTUAL_TOKEN_TYPES:
+        raise ValueError(f"power sampling supports {', '.join(VIRTUAL_TOKEN_TYPES)} adapters, not {kind}")
+    return model.get_base_model(), kind, int(config.num_virtual_tokens)
+
+
+def _reference_generate(model, decoder, prefix: list[int], start: int, limit: int, alpha, stops, rng, row) -> tuple:
     """Sample completion tokens start..limit-1 after `prefix` (prompt + kept completion) from q,
-    re-encoding the prefix from scratch. Returns (tokens, log p, log q) lists."""
-    past = DynamicCache(config=model.config)
-    inputs = torch.tensor([prefix])
+    re-encoding the prefix from scratch with `model` (with its virtual tokens, if any) and
+    decoding the rest with `decoder` on that cache. Returns (tokens, log p, log q) lists."""
+    output = model(input_ids=torch.tensor([prefix]), use_cache=True)
+    past = output.past_key_values
     tokens, lps, lqs = [], [], []
     for position in range(start, limit):
-        logits = model(input_ids=inputs, past_key_values=past, use_cache=True).logits[:, -1]
+        logits = output.logits[:, -1]
         log_p, log_q = token_log_probs(logits, alpha)
         token = int(sample_from_uniform(log_q, rng.draw(row))[0])
         tokens.append(token)
@@ -158,7 +169,7 @@ def _reference_generate(model, prefix: list[int], start: int, limit: int, alpha,
         lqs.append(float(log_q[0, token]))
         if token in stops:
             break
-        inputs = torch.tensor([[token]])
+        output = decoder(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
     return tokens, lps, lqs
 
 
@@ -170,7 +181,7 @@ def power_sample_reference(
     """The same algorithm as power_sample, the simple way: one prompt at a time, every step
     re-encodes prompt + kept prefix. Chain c (= chain_offset + prompt index) draws from
     ChainRandom(seed, [c]), the stream power_sample gives it."""
-    _check_model(model)
+    decoder, _, _ = _virtual_tokens(model)
     model.eval()
     stops = set(stop_ids)
     out = PowerSamples.empty(len(prompt_ids))
@@ -180,11 +191,12 @@ def power_sample_reference(
             rng = ChainRandom(seed, [chain_offset + index])
             x, lp, lq, count = [], [], [], 0
             for limit in block_limits(max_new_tokens, block_size):
-                new, new_lp, new_lq = _reference_generate(model, prompt + x, len(x), limit, alpha, stops, rng, one)
+                new, new_lp, new_lq = _reference_generate(model, decoder, prompt + x, len(x), limit, alpha, stops, rng, one)
                 x, lp, lq, count = x + new, lp + new_lp, lq + new_lq, count + len(new)
                 for _ in range(mcmc_steps):
                     i = min(int(float(rng.draw(one)[0]) * len(x)), len(x) - 1)
-                    new, new_lp, new_lq = _reference_generate(model, prompt + x[:i], i, limit, alpha, stops, rng, one)
+                    new, new_lp, new_lq = _reference_generate(model, decoder, prompt + x[:i], i, limit, alpha, stops, rng,
+                                                              one)
                     count += len(new)
                     log_r = log_acceptance(alpha, sum(new_lp), sum(new_lq), sum(lp[i:]), sum(lq[i:]), len(x), i + len(new))
                     out.trace[index].append((i, sum(new_lp)))
@@ -316,7 +328,7 @@ def power_sample(
 ) -> PowerSamples:
     """Power samples p^alpha for each prompt (token ids, no padding); see the module docstring.
     Chain c (the prompt's index) draws from ChainRandom(seed, [c]), as in power_sample_reference."""
-    _check_model(model)
+    _virtual_tokens(model)  # an unsupported adapter fails here, before any compute
     model.eval()
     out = PowerSamples.empty(len(prompt_ids))
     params = _Params(alpha, mcmc_steps, block_size, max_new_tokens, torch.tensor(sorted(set(stop_ids))), pad_id)
@@ -327,20 +339,32 @@ def power_sample(
     return out
 
 
-def _prefill(model, prompts: list[list[int]], pad_id: int) -> _Chains:
-    P = max(len(p) for p in prompts)
+def _prefill(model, prompts: list[list[int]], pad_id: int) -> tuple[object, _Chains]:
+    """(the decoding model, the chains with the cache of their prompts). Virtual tokens of a
+    prefix/prompt-tuning adapter count as prompt slots before the left padding."""
+    decoder, kind, n_virtual = _virtual_tokens(model)
+    rows, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    position = (mask.cumsum(1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+    position = n_virtual + (mask.cumsum(1) - 1).clamp(min=0)
+    virtual_mask = torch.ones(rows, n_virtual, dtype=torch.long)
+    inputs = dict(input_ids=ids)
+    if kind == "PREFIX_TUNING":  # the adapter's key/value vectors fill the first cache slots
+        cache = model.get_prompt(rows)
+    else:
+        cache = DynamicCache(config=decoder.config)
+    if kind == "PROMPT_TUNING":  # the adapter's embeddings go in before the prompt's
+        embeds = torch.cat([model.get_prompt(rows).to(decoder.dtype), decoder.get_input_embeddings()(ids)], dim=1)
+        inputs = dict(inputs_embeds=embeds)
+        position = torch.cat([torch.arange(n_virtual).expand(rows, -1), position], dim=1)
+    full_mask = torch.cat([virtual_mask, mask], dim=1)
+    decoder(**inputs, attention_mask=full_mask, position_ids=position, past_key_values=cache, use_cache=True)
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         raise ValueError("power_sample needs full-attention KV cache layers (no sliding window)")
-    rows = len(prompts)
-    return _Chains(
-        cache, ids, mask, mask.sum(1), torch.full((rows, 0), pad_id, dtype=torch.long),
-        torch.zeros(rows, 0, dtype=torch.float64), torch.zeros(rows, 0, dtype=torch.float64),
-        torch.zeros(rows, dtype=torch.long), torch.arange(rows),
+    return decoder, _Chains(
+        cache, torch.cat([torch.full((rows, n_virtual), pad_id), ids], dim=1), full_mask, n_virtual + mask.sum(1),
+        torch.full((rows, 0), pad_id, dtype=torch.long), torch.zeros(rows, 0, dtype=torch.float64),
+        torch.zeros(rows, 0, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), torch.arange(rows),
     )
 
 
@@ -356,7 +380,7 @@ class _Params:
 
 def _power_sample_batch(model, prompts: list[list[int]], rng: ChainRandom, params: _Params, out: PowerSamples, first: int):
     """Run the chains of `prompts` (out's entries first, first + 1, ...) to the end, into `out`."""
-    chains = _prefill(model, prompts, params.pad_id)
+    model, chains = _prefill(model, prompts, params.pad_id)
     sample = dict(alpha=params.alpha, stops=params.stops, pad_id=params.pad_id, rng=rng)
     for limit in block_limits(params.max_new_tokens, params.block_size):
         # extend every live chain (none has ended: ended chains left the batch) to the new limit

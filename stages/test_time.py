@@ -6,7 +6,7 @@ in the run report) and a bar chart.
 
 Input: the newest policy of the run (input_stage lists grpo, dpo, sft, pretrain in order of
 preference; `init` takes any checkpoint or prefix/prompt adapter final/, loaded with
-pipeline.models.load_policy).
+pipeline.models.load_policy; power sampling places prefix/prompt-tuning virtual tokens itself).
 
 best_of_n scores candidates with a reward model: `reward_model: auto` uses <run.dir>/reward/final
 when the run has one (the `reward` stage) and otherwise leaves best_of_n out with a logged
@@ -25,13 +25,13 @@ from pipeline import artifacts, distributed
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
 from pipeline.runner import ConfigError, log
-from pipeline.sampling import METHODS, MethodResult, RewardScorer, TestTimeSettings, run_method
+from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, RewardScorer, TestTimeSettings, run_method
 from pipeline.tokenizer import load_chat_tokenizer
 
 SPLITS = ("eval",)
 USES = ("task",)
 WRITES_FINAL = False
-PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE")
 
 
 def validate(cfg, input_path: Path | None) -> None:
@@ -63,11 +63,11 @@ def validate(cfg, input_path: Path | None) -> None:
         return
     if "power" in methods and is_adapter_checkpoint(input_path):
         peft_type = json.loads((input_path / ADAPTER_CONFIG).read_text()).get("peft_type")
-        if peft_type in PROMPT_LEARNING_TYPES:
+        if peft_type in PROMPT_LEARNING_TYPES and peft_type not in VIRTUAL_TOKEN_TYPES:
             raise ConfigError(
-                f"the test_time input {input_path} is a {peft_type} adapter; power sampling runs its own KV-cache "
-                "decode on a plain model and does not support virtual tokens. Drop power from "
-                "stages.test_time.methods, or evaluate a full or LoRA-merged checkpoint"
+                f"the test_time input {input_path} is a {peft_type} adapter; power sampling places the virtual tokens "
+                f"of {' and '.join(VIRTUAL_TOKEN_TYPES)} adapters only. Drop power from stages.test_time.methods, or "
+                "evaluate a full, LoRA, prefix or prompt tuning checkpoint"
             )
     try:
         load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code))

@@ -106,9 +106,24 @@ def test_bad_methods_and_reward_model_fail_before_compute(tmp_path):
         plan_test_time(tmp_path)
 
 
-def test_power_sampling_refuses_a_prompt_tuning_adapter(tmp_path):
+def test_power_sampling_refuses_a_p_tuning_adapter(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
-    with pytest.raises(ConfigError, match=r"PROMPT_TUNING adapter.*Drop power"):
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "P_TUNING"}))
+    with pytest.raises(ConfigError, match=r"P_TUNING adapter.*PREFIX_TUNING and PROMPT_TUNING adapters only.*Drop power"):
         plan_test_time(tmp_path, f"stages.test_time.init={adapter}")
+
+
+def test_prompt_tuning_final_through_every_method(chain_run, tmp_path):
+    """sft with peft=prompt hands off adapter + base/; test_time loads it with load_policy and
+    power-samples with the virtual tokens in place."""
+    run_dir, _ = chain_run
+    out_dir = tmp_path / "run"
+    run_cli("preset=smoke", f"run.dir={out_dir}", "run.stages=[sft,test_time]", "peft=prompt",
+            f"stages.sft.init={run_dir / 'pretrain' / 'final'}", "stages.test_time.methods=[greedy,power,majority_vote]")
+    manifest = json.loads((out_dir / "test_time" / "stage.json").read_text())
+    assert manifest["input"] == str(out_dir / "sft" / "final")
+    assert (out_dir / "sft" / "final" / "adapter_config.json").is_file()
+    result = metrics(out_dir / "test_time")
+    assert result["tokens_per_problem/power"] > result["tokens_per_problem/greedy"] > 0
+    assert 0.0 < result["acceptance_rate/power"] <= 1.0

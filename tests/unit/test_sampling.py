@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import (
     AutoModelForSequenceClassification, PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
@@ -111,6 +112,30 @@ def test_fast_sampler_reproduces_the_reference_chains():
     assert max(lengths) == 14 and min(lengths) < 4  # ended within the first block, and ran to the limit
     assert {t[-1] for t in fast.token_ids if len(t) < 14} == {eos, 7}  # both stop tokens end chains
     assert model.config.output_router_logits  # switched off for sampling only, then restored
+
+
+@pytest.mark.parametrize("adapter", ["prefix", "prompt"])
+def test_fast_sampler_reproduces_the_reference_with_virtual_tokens(adapter):
+    """Prefix/prompt tuning: the fast sampler places the virtual tokens itself; the reference
+    re-encodes through peft's own forward."""
+    vocab, eos, pad = 10, 8, 9
+    base = tiny_moe(vocab, eos, pad, seed=1, sharpen=2.0, stop_bias={eos: -1.0})
+    config = (PrefixTuningConfig if adapter == "prefix" else PromptTuningConfig)(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    torch.manual_seed(4)
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # virtual tokens that matter: prefix key/values start at zero otherwise
+        for parameter in model.prompt_encoder.parameters():
+            parameter.normal_(0.0, 1.0)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 1, 2], [0, 0]]
+    options = dict(alpha=2.0, mcmc_steps=2, block_size=5, max_new_tokens=10, stop_ids=[eos], seed=2)
+    fast = power_sample(model, prompts, pad_id=pad, batch_size=4, **options)
+    reference = power_sample_reference(model, prompts, **options)
+    assert fast.token_ids == reference.token_ids
+    for fast_trace, reference_trace in zip(fast.trace, reference.trace):
+        assert [p for p, _ in fast_trace] == [p for p, _ in reference_trace]
+        assert [lp for _, lp in fast_trace] == pytest.approx([lp for _, lp in reference_trace], abs=1e-4)
+    plain = power_sample(base, prompts, pad_id=pad, batch_size=4, **options)
+    assert plain.log_p != pytest.approx(fast.log_p, abs=1e-3)  # the virtual tokens did change the model
 
 
 def test_chain_random_gives_a_chain_the_same_stream_alone_or_in_a_batch():
