@@ -10,6 +10,8 @@ A stage recipe is the module `stages.<name>` with:
                 is None when the input is still to be written by an earlier stage of this run
     WRITES_FINAL  optional, default True; False for a stage that only evaluates (no final/):
                 it counts as completed from its manifest alone
+    extra_inputs(cfg, run_dir, planned) -> str | None   optional: a fingerprint of inputs other
+                than its input checkpoint (e.g. test_time's reward model), part of its config hash
 Its config lives at conf/stages/<name>.yaml; `init` sets its input checkpoint explicitly and
 `input_stage` names the stage whose final/ it starts from by default, or lists candidates in
 order of preference (e.g. [grpo, dpo, sft, pretrain]): the first one planned earlier in this
@@ -80,11 +82,13 @@ def load_stage_module(name: str, cfg: DictConfig):
         raise
 
 
-def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None) -> str:
+def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None, extra: str | None = None) -> str:
     payload = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in module.USES}
     payload["stage"] = OmegaConf.to_container(cfg.stages[name], resolve=True)
     payload["seed"] = cfg.seed
     payload["input"] = input_fingerprint
+    if extra is not None:
+        payload["extra_inputs"] = extra
     return artifacts.config_hash(payload)
 
 
@@ -104,7 +108,8 @@ def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
         if hasattr(module, "validate"):
             pending = not stage_cfg.get("init") and upstream_stage(stage_cfg, run_dir, hashes) in hashes
             module.validate(cfg, None if pending else input_path)
-        config_hash = stage_hash(cfg, name, module, fingerprint)
+        extra = module.extra_inputs(cfg, run_dir, hashes) if hasattr(module, "extra_inputs") else None
+        config_hash = stage_hash(cfg, name, module, fingerprint, extra)
         hashes[name] = config_hash
         plans.append(StagePlan(name, module, input_path, fingerprint, config_hash))
     return plans

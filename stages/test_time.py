@@ -24,7 +24,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pipeline import artifacts, distributed
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
-from pipeline.runner import ConfigError, log
+from pipeline.runner import ConfigError, completed_manifest, log
 from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, RewardScorer, TestTimeSettings, run_method
 from pipeline.tokenizer import load_chat_tokenizer
 
@@ -73,6 +73,20 @@ def validate(cfg, input_path: Path | None) -> None:
         load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code))
     except ValueError as err:
         raise ConfigError(f"test_time input: {err}") from err
+
+
+def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
+    """The reward model's fingerprint (part of the config hash): a new reward model in the run
+    reruns test_time. None when best_of_n is not asked for."""
+    stage = cfg.stages.test_time
+    if "best_of_n" not in stage.methods:
+        return None
+    if str(stage.reward_model) != "auto":
+        return f"path:{Path(str(stage.reward_model)).expanduser().resolve()}"
+    if "reward" in planned:
+        return f"reward:{planned['reward']}"
+    manifest = completed_manifest(run_dir, "reward")
+    return f"reward:{manifest['config_hash']}" if manifest else None
 
 
 def reward_model_path(stage_cfg, run_dir: Path) -> tuple[Path | None, str]:

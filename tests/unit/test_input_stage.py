@@ -46,6 +46,18 @@ def test_no_candidate_names_them_all(tmp_path):
         resolve_input(compose_config(), "sft", single, tmp_path, {})
 
 
+def test_test_time_hash_follows_its_reward_model(tmp_path):
+    from stages import test_time
+
+    cfg = compose_config(["run.stages=[test_time]"])
+    assert test_time.extra_inputs(cfg, tmp_path, {}) is None  # auto, and no reward stage in the run
+    completed(tmp_path, "reward", "r0")
+    assert test_time.extra_inputs(cfg, tmp_path, {}) == "reward:r0"
+    assert test_time.extra_inputs(cfg, tmp_path, {"reward": "r1"}) == "reward:r1"  # rerun in this invocation
+    no_best_of_n = compose_config(["stages.test_time.methods=[greedy]"])
+    assert test_time.extra_inputs(no_best_of_n, tmp_path, {"reward": "r1"}) is None
+
+
 def test_a_stage_without_final_is_skipped_when_completed(tmp_path):
     class Evaluates:
         WRITES_FINAL = False
