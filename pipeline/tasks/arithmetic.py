@@ -159,6 +159,10 @@ class ArithmeticTask(Task):
     def eval_problems(self) -> list[dict]:
         return [{"prompt": p.prompt, "answer": str(p.answer)} for p in self._splits["eval"]]
 
+    def extract_answer(self, completion: str) -> str | None:
+        got = extract_answer(completion)
+        return None if got is None else str(got)
+
     def verify(self, completion: str, answer: str) -> float:
         got = extract_answer(completion)
         return 1.0 if got is not None and got == int(answer) else 0.0

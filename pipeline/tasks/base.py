@@ -44,6 +44,11 @@ class Task(ABC):
         """The prompt in the plain-text (pretraining) format, ready for the model to continue."""
 
     @abstractmethod
+    def extract_answer(self, completion: str) -> str | None:
+        """The final answer a completion states, normalised so that equal answers compare
+        equal (majority vote counts these); None if it states none. Never executes model text."""
+
+    @abstractmethod
     def verify(self, completion: str, answer: str) -> float:
         """Reward in [0, 1] for a model completion. Parses strictly; never executes model text."""
 
