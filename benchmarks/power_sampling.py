@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.evaluate import render_prompts  # noqa: E402
 from pipeline.models import load_policy  # noqa: E402
+from pipeline.reward_model import RewardScorer
 from pipeline.sampling import (  # noqa: E402
-    METHODS, RewardScorer, TestTimeSettings, power_sample, power_sample_reference, run_method,
+    METHODS, TestTimeSettings, power_sample, power_sample_reference, run_method,
 )
 from pipeline.tasks import build_task  # noqa: E402
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids  # noqa: E402
@@ -82,8 +82,7 @@ def methods(model, tokenizer, task, n: int, settings: TestTimeSettings, reward_p
     problems = task.eval_problems()[:n]
     reward = None
     if reward_path:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path)
-        reward = RewardScorer(reward_model, AutoTokenizer.from_pretrained(reward_path), settings.batch_size)
+        reward = RewardScorer.load(reward_path, batch_size=settings.batch_size)
     candidates: dict = {}
     print(f"  {'method':<16} {'accuracy':>8} {'tokens/problem':>15} {'wall (s)':>9}")
     for method in METHODS:

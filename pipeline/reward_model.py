@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from pipeline.models import set_router_aux_loss
+from pipeline.models import router_logits_off, set_router_aux_loss
 from pipeline.tokenizer import load_chat_tokenizer
 
 
@@ -42,7 +42,28 @@ def score(model, tokenizer, prompts: list[str], completions: list[str], batch_si
         raise ValueError("the reward model's config has no pad_token_id; it cannot find the last token of padded rows")
     texts = [render_conversation(tokenizer, p, c) for p, c in zip(prompts, completions)]
     scores = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        scores.append(model(**batch.to(model.device)).logits[:, 0].float().cpu())
+    with router_logits_off(model):
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            scores.append(model(**batch.to(model.device)).logits[:, 0].float().cpu())
     return torch.cat(scores) if scores else torch.empty(0)
+
+
+class RewardScorer:
+    """A loaded reward model and its tokenizer, scoring (prompt, completion) lists: best-of-N
+    in test_time, the reward-model reward in grpo."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64) -> None:
+        if not tokenizer.chat_template:
+            raise ValueError("the reward model's tokenizer has no chat template; it scores chat renderings")
+        if model.config.pad_token_id is None:
+            raise ValueError("the reward model's config has no pad_token_id; it cannot find the last token of a batch row")
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+
+    @classmethod
+    def load(cls, path: str | Path, trust_remote_code: bool = False, batch_size: int = 64) -> "RewardScorer":
+        model, tokenizer = load_reward_model(path, trust_remote_code)
+        return cls(model, tokenizer, batch_size)
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return score(self.model, self.tokenizer, prompts, completions, self.batch_size).tolist()

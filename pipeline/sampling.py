@@ -51,6 +51,7 @@ from transformers.cache_utils import DynamicLayer
 
 from pipeline.evaluate import generate, render_prompts
 from pipeline.models import router_logits_off
+from pipeline.reward_model import RewardScorer
 from pipeline.tokenizer import stop_token_ids
 
 METHODS = ("greedy", "sample", "low_temperature", "power", "majority_vote", "best_of_n")
@@ -431,39 +432,6 @@ def majority_vote(answers: list[str | None]) -> int:
 def best_of_n(scores: list[float]) -> int:
     """Index of the highest-scoring candidate (the first one on ties)."""
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
-
-
-class RewardScorer:
-    """A sequence-classification reward model (num_labels=1) scoring the chat rendering of
-    [user: prompt, assistant: completion], read at the last non-pad token (the model does that
-    from its pad_token_id)."""
-
-    def __init__(self, model, tokenizer, batch_size: int = 64) -> None:
-        if not tokenizer.chat_template:
-            raise ValueError("the reward model's tokenizer has no chat template; it scores chat renderings")
-        if model.config.pad_token_id is None:
-            raise ValueError("the reward model's config has no pad_token_id; it cannot find the last token of a batch row")
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
-
-    @torch.inference_mode()
-    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
-        texts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
-            )
-            for p, c in zip(prompts, completions)
-        ]
-        padding_side, self.tokenizer.padding_side = self.tokenizer.padding_side, "right"
-        scores: list[float] = []
-        try:
-            with router_logits_off(self.model):
-                for start in range(0, len(texts), self.batch_size):
-                    batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                                           add_special_tokens=False)
-                    scores += self.model(**batch).logits[:, 0].float().tolist()
-        finally:
-            self.tokenizer.padding_side = padding_side
-        return scores
 
 
 # --------------------------------------------------------------------------- one interface

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
-from pipeline import artifacts, distributed, preemption
+from pipeline import distributed, preemption
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate_policy
 from pipeline.models import (

@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline import artifacts, distributed
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
 from pipeline.runner import ConfigError, completed_manifest, log
-from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, RewardScorer, TestTimeSettings, run_method
+from pipeline.reward_model import RewardScorer
+from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, TestTimeSettings, run_method
 from pipeline.tokenizer import load_chat_tokenizer
 
 SPLITS = ("eval",)
@@ -100,11 +100,9 @@ def reward_model_path(stage_cfg, run_dir: Path) -> tuple[Path | None, str]:
 
 
 def load_reward(path: Path, trust_remote_code: bool, batch_size: int) -> RewardScorer:
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     try:
-        return RewardScorer(model, tokenizer, batch_size)
-    except ValueError as err:
+        return RewardScorer.load(path, trust_remote_code, batch_size)
+    except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"reward model {path}: {err}") from err
 
 

@@ -12,8 +12,9 @@ from transformers import (
     AutoModelForSequenceClassification, PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM,
 )
 
+from pipeline.reward_model import RewardScorer
 from pipeline.sampling import (
-    ChainRandom, RewardScorer, best_of_n, block_limits, majority_vote, power_sample, power_sample_reference,
+    ChainRandom, best_of_n, block_limits, majority_vote, power_sample, power_sample_reference,
     sample_from_uniform, token_log_probs,
 )
 from pipeline.tokenizer import CHAT_TEMPLATE, train_tokenizer
