@@ -29,8 +29,9 @@ def check_peft_config(peft_cfg) -> None:
         )
 
 
-def build_peft_config(peft_cfg, model: torch.nn.Module) -> PeftConfig | None:
-    """The peft config for `model`, or None for full fine-tuning (peft=none)."""
+def build_peft_config(peft_cfg, model: torch.nn.Module, task_type: str = "CAUSAL_LM") -> PeftConfig | None:
+    """The peft config for `model`, or None for full fine-tuning (peft=none). task_type SEQ_CLS
+    (a reward model) also trains the new score head in full (peft's modules_to_save)."""
     check_peft_config(peft_cfg)
     if peft_cfg.method == "none":
         return None
@@ -44,7 +45,7 @@ def build_peft_config(peft_cfg, model: torch.nn.Module) -> PeftConfig | None:
         )
     modules, parameters = lora_targets(model, list(peft_cfg.target_modules), list(peft_cfg.target_parameters))
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=int(peft_cfg.rank),
         lora_alpha=float(peft_cfg.alpha),
         lora_dropout=float(peft_cfg.dropout),

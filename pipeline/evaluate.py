@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, set_seed
 
 from pipeline.models import router_logits_off
 from pipeline.tokenizer import stop_token_ids
@@ -133,3 +133,20 @@ def evaluate(
         num_problems=n,
         completions=texts,
     )
+
+
+def evaluate_policy(model, tokenizer, task, stage_cfg, seed: int) -> dict[str, float]:
+    """A policy stage's held-out numbers in the chat format: greedy accuracy and sampled
+    (temperature 1) accuracy on the first `stage_cfg.eval_problems` eval problems, the same
+    problems for every stage so that the stages compare."""
+    problems = task.eval_problems()[: stage_cfg.eval_problems]
+    options = dict(prompt_format="chat", max_new_tokens=stage_cfg.max_new_tokens, batch_size=stage_cfg.eval_batch_size)
+    greedy = evaluate(model, tokenizer, task, problems, **options)
+    set_seed(seed)
+    sampled = evaluate(model, tokenizer, task, problems, temperature=1.0, **options)
+    return {
+        "eval_accuracy": greedy.accuracy,
+        "eval_accuracy_sampled": sampled.accuracy,
+        "eval_tokens_per_problem": greedy.tokens_per_problem,
+        "eval_num_problems": greedy.num_problems,
+    }

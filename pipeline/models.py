@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from pipeline import distributed
+from pipeline import artifacts, distributed
+from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_DIR = "adapter"  # every PEFT final/ keeps its adapter here
@@ -41,6 +42,22 @@ def load_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
 
 def is_adapter_checkpoint(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint a stage is about to train (sft, reward, dpo, grpo); ValueError
+    naming the fix if it is an adapter (peft cannot train a saved prefix/prompt adapter further) or
+    lacks a chat template."""
+    if is_adapter_checkpoint(path):
+        raise ValueError(
+            f"the {stage} input {path} is a PEFT adapter, not a model; {stage} trains a plain checkpoint (peft "
+            "loads saved prefix/prompt adapters for inference only). Start from the base inside a prefix/prompt "
+            f"final/ (stages.{stage}.init={path / BASE_DIR}) or from a LoRA run's merged final/"
+        )
+    try:
+        return load_chat_tokenizer(path, trust_remote_code)
+    except ValueError as err:
+        raise ValueError(f"{stage} input: {err}") from err
 
 
 def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel | PeftModel:
@@ -95,6 +112,25 @@ def save_peft_policy(model: PeftModel, tokenizer, out_dir: Path, final_dir: Path
     merged = model.merge_and_unload()
     save(merged, out_dir)
     return merged
+
+
+def save_policy(trainer, tokenizer, stage_dir: Path) -> PreTrainedModel | PeftModel:
+    """Write a policy-training stage's final/ (atomically, every rank calls it) and return the
+    model as handed off: a plain checkpoint for full fine-tuning, save_peft_policy's layout for an
+    adapter. Router aux loss off and the tokenizer's stop tokens in generation_config, so plain
+    `generate` on the checkpoint stops where the pipeline's evaluation does."""
+    model = trainer.model  # wrapped by TRL when an adapter was asked for
+    set_router_aux_loss(model, False)
+    if getattr(model, "generation_config", None) is not None:  # a reward model has none
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if not isinstance(model, PeftModel):
+        artifacts.save_final(stage_dir, trainer.save_model)
+        return model
+    handed_off = []
+    final = stage_dir / artifacts.FINAL
+    artifacts.save_final(stage_dir, lambda tmp: handed_off.append(save_peft_policy(model, tokenizer, tmp, final)))
+    return handed_off[0]
 
 
 def set_router_aux_loss(model: torch.nn.Module, enabled: bool) -> None:

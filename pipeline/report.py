@@ -1,4 +1,5 @@
-"""The run report: one table of every finished stage's metrics, plus each stage's plots."""
+"""The run report: one table of every finished stage's metrics, each stage's own summary.md
+(if it writes one), plus each stage's plots."""
 
 from __future__ import annotations
 
@@ -13,11 +14,18 @@ def format_value(value) -> str:
     return str(value)
 
 
+STAGE_SUMMARY = "summary.md"  # markdown a stage writes into its dir for the report
+
+
 def write_report(run_dir: Path, stage_order: list[str]) -> Path:
     present = [d.name for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / artifacts.MANIFEST).exists()]
     order = [s for s in stage_order if s in present] + [s for s in present if s not in stage_order]
     lines = ["# Run report", "", f"Run directory: `{run_dir}`", ""]
     lines += summary_table(run_dir, order)
+    for stage in order:  # a stage's own summary (e.g. test_time's methods side by side)
+        section = run_dir / stage / STAGE_SUMMARY
+        if section.is_file():
+            lines += ["", section.read_text().rstrip()]
     lines += ["", "## All metrics", "", "| stage | status | wall time (s) | metric | value |", "| --- | --- | --- | --- | --- |"]
     plots = []
     for stage in order:
@@ -46,6 +54,8 @@ def summary_table(run_dir: Path, order: list[str]) -> list[str]:
     """One row per stage with the headline metrics every stage shares, side by side."""
     rows = {stage: artifacts.read_metrics(run_dir / stage) or {} for stage in order}
     columns = [m for m in HEADLINE if any(m in metrics for metrics in rows.values())]
+    if not columns:  # e.g. only test_time, whose numbers are per method (its own table follows)
+        return []
     lines = ["| stage | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for stage, metrics in rows.items():
         lines.append(f"| {stage} | " + " | ".join(format_value(metrics.get(m, "")) for m in columns) + " |")

@@ -8,8 +8,14 @@ A stage recipe is the module `stages.<name>` with:
     validate(cfg, input_path) -> None   optional: cheap checks of the stage's config and of an
                 existing input checkpoint, raising ConfigError before any stage runs; input_path
                 is None when the input is still to be written by an earlier stage of this run
+    WRITES_FINAL  optional, default True; False for a stage that only evaluates (no final/):
+                it counts as completed from its manifest alone
+    extra_inputs(cfg, run_dir, planned) -> str | None   optional: a fingerprint of inputs other
+                than its input checkpoint (e.g. test_time's reward model), part of its config hash
 Its config lives at conf/stages/<name>.yaml; `init` sets its input checkpoint explicitly and
-`input_stage` names the stage whose final/ it starts from by default.
+`input_stage` names the stage whose final/ it starts from by default, or lists candidates in
+order of preference (e.g. [grpo, dpo, sft, pretrain]): the first one planned earlier in this
+invocation, else the first one completed in the run dir.
 """
 
 from __future__ import annotations
@@ -76,11 +82,13 @@ def load_stage_module(name: str, cfg: DictConfig):
         raise
 
 
-def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None) -> str:
+def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None, extra: str | None = None) -> str:
     payload = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in module.USES}
     payload["stage"] = OmegaConf.to_container(cfg.stages[name], resolve=True)
     payload["seed"] = cfg.seed
     payload["input"] = input_fingerprint
+    if extra is not None:
+        payload["extra_inputs"] = extra
     return artifacts.config_hash(payload)
 
 
@@ -98,9 +106,10 @@ def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
         stage_cfg = cfg.stages[name]
         input_path, fingerprint = resolve_input(cfg, name, stage_cfg, run_dir, hashes)
         if hasattr(module, "validate"):
-            pending = not stage_cfg.get("init") and stage_cfg.get("input_stage") in hashes
+            pending = not stage_cfg.get("init") and upstream_stage(stage_cfg, run_dir, hashes) in hashes
             module.validate(cfg, None if pending else input_path)
-        config_hash = stage_hash(cfg, name, module, fingerprint)
+        extra = module.extra_inputs(cfg, run_dir, hashes) if hasattr(module, "extra_inputs") else None
+        config_hash = stage_hash(cfg, name, module, fingerprint, extra)
         hashes[name] = config_hash
         plans.append(StagePlan(name, module, input_path, fingerprint, config_hash))
     return plans
@@ -112,7 +121,7 @@ def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) 
     everything downstream of it."""
     if stage_cfg.get("init"):
         return checkpoint_input(stage_cfg.init, f"stages.{name}.init")
-    upstream = stage_cfg.get("input_stage")
+    upstream = upstream_stage(stage_cfg, run_dir, planned)
     if not upstream:  # starts from the `model` group: a local model, or built from its config
         if OmegaConf.is_missing(cfg.model, "path"):
             raise ConfigError("model=hf needs a local model directory: model.path=/path/to/model")
@@ -120,14 +129,49 @@ def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) 
     final = run_dir / upstream / artifacts.FINAL
     if upstream in planned:
         return final, planned[upstream]
-    manifest = artifacts.read_manifest(run_dir / upstream)
-    if manifest and manifest.get("status") == "completed" and artifacts.is_hf_checkpoint(final):
+    manifest = completed_manifest(run_dir, upstream)
+    if manifest:
         return final, manifest["config_hash"]
+    candidates = input_candidates(stage_cfg)
+    if len(candidates) > 1:
+        raise ConfigError(
+            f"stage {name!r} starts from the final/ of the first of {', '.join(candidates)} that runs before it or "
+            f"has completed in {run_dir}, and there is none. Add one of them to run.stages before {name}, "
+            f"or set stages.{name}.init=/path/to/checkpoint"
+        )
     raise ConfigError(
         f"stage {name!r} starts from {upstream}/final/, which is not in {run_dir} "
         f"(no completed '{upstream}' stage there). Add {upstream} to run.stages before {name}, "
         f"or set stages.{name}.init=/path/to/checkpoint"
     )
+
+
+def input_candidates(stage_cfg) -> list[str]:
+    """`input_stage` as a list: one stage name, or candidates in order of preference."""
+    value = stage_cfg.get("input_stage")
+    if not value:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+def completed_manifest(run_dir: Path, stage: str) -> dict | None:
+    """The manifest of a completed stage in run_dir whose final/ is there, else None."""
+    manifest = artifacts.read_manifest(run_dir / stage)
+    if manifest and manifest.get("status") == "completed" and artifacts.is_hf_checkpoint(run_dir / stage / artifacts.FINAL):
+        return manifest
+    return None
+
+
+def upstream_stage(stage_cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
+    """The stage whose final/ is the input (None: the `model` group): the first candidate
+    planned earlier in this invocation, else the first one completed in run_dir, else the first
+    candidate (which resolve_input then reports as missing)."""
+    candidates = input_candidates(stage_cfg)
+    for found in (lambda c: c in planned, lambda c: completed_manifest(run_dir, c) is not None):
+        for candidate in candidates:
+            if found(candidate):
+                return candidate
+    return candidates[0] if candidates else None
 
 
 def checkpoint_input(value, field: str) -> tuple[Path, str]:
@@ -149,7 +193,9 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, force: bool) -> tuple[st
         return "start", None
     if manifest.get("config_hash") != plan.config_hash:
         return "replace", None
-    completed = manifest.get("status") == "completed" and artifacts.is_hf_checkpoint(stage_dir / artifacts.FINAL)
+    writes_final = getattr(plan.module, "WRITES_FINAL", True)
+    has_final = artifacts.is_hf_checkpoint(stage_dir / artifacts.FINAL) or not writes_final
+    completed = manifest.get("status") == "completed" and has_final
     if completed:
         return ("replace", None) if force else ("skip", None)
     checkpoint = artifacts.find_resume_checkpoint(stage_dir)

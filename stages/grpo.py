@@ -27,21 +27,20 @@ from typing import Callable
 import torch
 from accelerate.utils import gather
 from datasets import Dataset
-from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, TrainerCallback, set_seed
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from pipeline import artifacts, distributed, preemption
 from pipeline.adapters import build_peft_config, check_peft_config
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, evaluate_policy
 from pipeline.models import (
-    count_parameters, is_adapter_checkpoint, load_model, router_logits_off, save_peft_policy, set_router_aux_loss,
+    check_trainable_input, count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
 )
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import plot_curves
-from pipeline.runner import ConfigError, log
+from pipeline.reward_model import RewardScorer
+from pipeline.runner import ConfigError, completed_manifest, log
 from pipeline.scaling import fit_scaling, plot_scaling
-from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 
 SPLITS = ("rl", "eval")
 USES = ("task", "optim", "peft")
@@ -51,7 +50,8 @@ TOKEN_MEAN_LOSSES = ("dapo", "cispo", "bnpo")  # where a per-token loss weight i
 SCALE_REWARDS = ("group", "batch", "none")
 ZERO_VARIANCE = ("keep", "filter", "downweight")
 REWARDS = ("correct", "format", "reward_model")
-REWARD_STAGE = "reward"  # stages.grpo.reward_model=reward: this run's reward/final/
+REWARD_STAGE = "reward"
+AUTO = "auto"  # stages.grpo.reward_model=auto: this run's reward/final/
 CURVE_FILE = "pass_rate_curve.jsonl"
 LOG_FILE = "log_history.json"
 
@@ -67,15 +67,8 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError(str(err)) from err
     check_objective(cfg)
     check_rewards(cfg)
-    if input_path is None:
-        return
-    if is_adapter_checkpoint(input_path):
-        raise ConfigError(
-            f"the grpo input {input_path} is a PEFT adapter, not a model; grpo trains a plain checkpoint. Start from "
-            f"the base inside a prefix/prompt final/ (stages.grpo.init={input_path / 'base'}) or from a LoRA run's "
-            "merged final/"
-        )
-    input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+    if input_path is not None:
+        input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
 
 
 def check_objective(cfg) -> None:
@@ -135,35 +128,45 @@ def check_rewards(cfg) -> None:
             re.compile(stage.format_pattern)
         except (re.error, TypeError) as err:
             raise ConfigError(f"stages.grpo.format_pattern={stage.format_pattern!r} is not a regular expression: {err}") from err
-    uses_rm = float(weights.get("reward_model", 0.0)) != 0.0
-    if uses_rm and not stage.reward_model:
-        raise ConfigError(
-            "stages.grpo.reward_weights.reward_model is not 0 but stages.grpo.reward_model is unset; point it at a "
-            f"reward checkpoint, or at `{REWARD_STAGE}` for this run's reward stage"
-        )
-    if stage.reward_model and not uses_rm:
-        raise ConfigError(
-            f"stages.grpo.reward_model={stage.reward_model} is set but reward_weights.reward_model is 0; give it a "
-            "weight (e.g. stages.grpo.reward_weights.reward_model=0.5) or unset reward_model"
-        )
-    if uses_rm and str(stage.reward_model) != REWARD_STAGE:
-        path = Path(str(stage.reward_model)).expanduser()
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"stages.grpo.reward_model={stage.reward_model} is not a checkpoint directory (no config.json)")
-    if uses_rm and str(stage.reward_model) == REWARD_STAGE and REWARD_STAGE not in cfg.run.stages:
-        final = Path(str(cfg.run.dir)).expanduser() / REWARD_STAGE / artifacts.FINAL
-        if not (final / "config.json").is_file():
+    if float(weights.get("reward_model", 0.0)) == 0.0:
+        return
+    if str(stage.reward_model) != AUTO:
+        if not (Path(str(stage.reward_model)).expanduser() / "config.json").is_file():
             raise ConfigError(
-                f"stages.grpo.reward_model=reward reads {final}, which does not exist; add reward to run.stages "
-                "before grpo or point stages.grpo.reward_model at a reward checkpoint"
+                f"stages.grpo.reward_model={stage.reward_model} is not a model directory (no config.json); point it at "
+                f"a reward stage's final/, or use reward_model={AUTO} for this run's reward stage"
             )
+        return
+    names = list(cfg.run.stages)
+    if REWARD_STAGE in names and names.index(REWARD_STAGE) > names.index("grpo"):
+        raise ConfigError("run.stages lists reward after grpo, whose reward_model=auto reads reward/final/; put reward first")
+    final = Path(str(cfg.run.dir)).expanduser() / REWARD_STAGE / artifacts.FINAL
+    if REWARD_STAGE not in names and not (final / "config.json").is_file():
+        raise ConfigError(
+            f"stages.grpo.reward_weights.reward_model is not 0 and reward_model={AUTO} reads {final}, which does not "
+            "exist; add reward to run.stages before grpo, or point stages.grpo.reward_model at a reward model"
+        )
+
+
+def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
+    """The reward model's fingerprint (part of the config hash) when grpo uses one: a new reward
+    model reruns grpo."""
+    stage = cfg.stages.grpo
+    if float(stage.reward_weights.get("reward_model", 0.0)) == 0.0:
+        return None
+    if str(stage.reward_model) != AUTO:
+        return f"path:{Path(str(stage.reward_model)).expanduser().resolve()}"
+    if REWARD_STAGE in planned:
+        return f"reward:{planned[REWARD_STAGE]}"
+    manifest = completed_manifest(run_dir, REWARD_STAGE)
+    return f"reward:{manifest['config_hash']}" if manifest else None
 
 
 def input_tokenizer(path: Path, trust_remote_code: bool):
     try:
-        return load_chat_tokenizer(path, trust_remote_code)
+        return check_trainable_input(path, "grpo", trust_remote_code)
     except ValueError as err:
-        raise ConfigError(f"grpo input: {err}") from err
+        raise ConfigError(str(err)) from err
 
 
 # --------------------------------------------------------------------------- rewards
@@ -196,29 +199,43 @@ def format_reward(pattern: str) -> Callable[..., list[float]]:
     return format
 
 
-def reward_model_path(cfg, run_dir: Path) -> Path:
-    value = str(cfg.reward_model)
-    return run_dir / REWARD_STAGE / artifacts.FINAL if value == REWARD_STAGE else Path(value).expanduser()
+def prompt_text(prompt) -> str:
+    """The user's question of a TRL prompt (a conversation, or plain text)."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-def build_rewards(stage_cfg, task, run_dir: Path, trust_remote_code: bool) -> tuple[list, list, list[float]]:
-    """(reward functions, their processing classes, weights) for GRPOTrainer, weight-0 ones left out.
-    The reward model scores the chat-template rendering of [user: prompt, assistant: completion]."""
-    funcs, processing, weights = [], [], []
+def scorer_reward(scorer: RewardScorer) -> Callable[..., list[float]]:
+    """A reward model's score of the chat rendering of [user: prompt, assistant: completion]."""
+
+    def reward_model(prompts, completions, **kwargs) -> list[float]:
+        return scorer.score([prompt_text(p) for p in prompts], [completion_text(c) for c in completions])
+
+    return reward_model
+
+
+def reward_model_path(stage_cfg, run_dir: Path) -> Path:
+    value = str(stage_cfg.reward_model)
+    return run_dir / REWARD_STAGE / artifacts.FINAL if value == AUTO else Path(value).expanduser()
+
+
+def build_rewards(stage_cfg, task, run_dir: Path, trust_remote_code: bool) -> tuple[list, list[float]]:
+    """(reward functions, weights) for GRPOTrainer; weight-0 rewards are left out."""
+    funcs, weights = [], []
     for name, weight in stage_cfg.reward_weights.items():
         if float(weight) == 0.0:
             continue
         if name == "correct":
-            funcs.append(verifier_reward(task)), processing.append(None)
+            funcs.append(verifier_reward(task))
         elif name == "format":
-            funcs.append(format_reward(stage_cfg.format_pattern)), processing.append(None)
+            funcs.append(format_reward(stage_cfg.format_pattern))
         else:
             path = reward_model_path(stage_cfg, run_dir)
-            funcs.append(AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code))
-            processing.append(input_tokenizer(path, trust_remote_code))
+            try:
+                funcs.append(scorer_reward(RewardScorer.load(path, trust_remote_code, int(stage_cfg.eval_batch_size))))
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(f"stages.grpo.reward_model {path}: {err}") from err
         weights.append(float(weight))
-    return funcs, processing, weights
+    return funcs, weights
 
 
 # --------------------------------------------------------------------------- zero-variance groups
@@ -419,10 +436,10 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
 
 def build_trainer(model, tokenizer, train_data: Dataset, args: GRPOConfig, rewards: tuple, stage_cfg, peft_config=None,
                   optim_cfg=None) -> StageGRPOTrainer:
-    funcs, processing, _ = rewards
+    funcs, _ = rewards
     trainer = StageGRPOTrainer(
         model=model, reward_funcs=funcs, args=args, train_dataset=train_data, processing_class=tokenizer,
-        reward_processing_classes=processing, peft_config=peft_config,
+        peft_config=peft_config,
         zero_variance=str(stage_cfg.zero_variance), zero_variance_weight=float(stage_cfg.zero_variance_weight),
     )
     if optim_cfg is not None:  # GRPOTrainer's constructor has no optimizer_cls_and_kwargs (trl 1.16)
@@ -445,21 +462,6 @@ def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> int:
     return frozen
 
 
-def save_final(trainer: StageGRPOTrainer, tokenizer, stage_dir: Path):
-    """final/ as sft writes it; returns the model as handed off."""
-    model = trainer.model
-    set_router_aux_loss(model, False)
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if not isinstance(model, PeftModel):
-        artifacts.save_final(stage_dir, trainer.save_model)
-        return model
-    handed_off = []
-    final = stage_dir / artifacts.FINAL
-    artifacts.save_final(stage_dir, lambda tmp: handed_off.append(save_peft_policy(model, tokenizer, tmp, final)))
-    return handed_off[0]
-
-
 def logged(log_history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(e["step"], e[key]) for e in log_history if e.get(key) is not None]
 
@@ -477,7 +479,7 @@ def run(ctx) -> dict[str, float]:
     freeze_parameters(model, list(cfg.freeze))
     peft_config = build_peft_config(ctx.cfg.peft, model)
     rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust)
-    args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[2])
+    args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1])
     trainer = build_trainer(model, tokenizer, build_dataset(ctx.task), args, rewards, cfg, peft_config, ctx.cfg.optim)
 
     eval_options = dict(prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
@@ -492,12 +494,9 @@ def run(ctx) -> dict[str, float]:
     train_output = preemption.train(trainer, ctx)
 
     trainable, total = count_parameters(trainer.model)
-    model = save_final(trainer, tokenizer, ctx.stage_dir)
+    model = save_policy(trainer, tokenizer, ctx.stage_dir)
 
-    problems = ctx.task.eval_problems()[: cfg.eval_problems]
-    greedy = evaluate(model, tokenizer, ctx.task, problems, **eval_options)
-    set_seed(ctx.cfg.seed)
-    sampled = evaluate(model, tokenizer, ctx.task, problems, temperature=1.0, **eval_options)
+    accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
 
     history = trainer.state.log_history
     reward_curve, kl_curve = logged(history, "reward"), logged(history, "kl")
@@ -508,10 +507,7 @@ def run(ctx) -> dict[str, float]:
         plot_curves(ctx.stage_dir / "reward.png", curves, "step", "reward", "grpo training reward")
     steps = trainer.state.global_step
     metrics = {
-        "eval_accuracy": greedy.accuracy,
-        "eval_accuracy_sampled": sampled.accuracy,
-        "eval_tokens_per_problem": greedy.tokens_per_problem,
-        "eval_num_problems": greedy.num_problems,
+        **accuracy,
         "reward_mean": reward_curve[-1][1] if reward_curve else float("nan"),
         "reward_mean_first": reward_curve[0][1] if reward_curve else float("nan"),
         "train_steps": steps,

@@ -9,7 +9,7 @@ cannot mix. TRL's SFTTrainer then builds the labels (completion_only_loss: promp
 -100), truncates, packs if asked, collates, adds the MoE router aux loss and trains; checkpoints
 resume like pretrain's.
 
-Hand-off (pipeline.models.save_peft_policy / load_policy): full fine-tuning and LoRA (merged)
+Hand-off (pipeline.models.save_policy / load_policy): full fine-tuning and LoRA (merged)
 leave a plain checkpoint in final/; prefix and prompt tuning leave the adapter in final/ and the
 frozen base in final/base/.
 """
@@ -21,21 +21,19 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import PeftModel
-from transformers import PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
-from pipeline import artifacts, distributed, preemption
+from pipeline import distributed, preemption
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate_policy
 from pipeline.models import (
-    count_parameters, is_adapter_checkpoint, load_model, router_logits_off, save_peft_policy, set_router_aux_loss,
+    check_trainable_input, count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
 )
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.runner import ConfigError
-from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 
 SPLITS = ("sft", "eval")
 USES = ("task", "optim", "peft")
@@ -57,22 +55,15 @@ def validate(cfg, input_path: Path | None) -> None:
             f"stages.sft.packing=true with peft={peft_cfg.method}: virtual tokens break the per-example attention "
             "of packed rows; set stages.sft.packing=false"
         )
-    if input_path is None:
-        return
-    if is_adapter_checkpoint(input_path):
-        raise ConfigError(
-            f"the sft input {input_path} is a PEFT adapter, not a model; sft fine-tunes a plain checkpoint (peft "
-            "loads saved prefix/prompt adapters for inference only). Start from the base inside a prefix/prompt "
-            f"final/ (stages.sft.init={input_path / 'base'}) or from a LoRA run's merged final/"
-        )
-    input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+    if input_path is not None:
+        input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
 
 
 def input_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     try:
-        return load_chat_tokenizer(path, trust_remote_code)
+        return check_trainable_input(path, "sft", trust_remote_code)
     except ValueError as err:
-        raise ConfigError(f"sft input: {err}") from err
+        raise ConfigError(str(err)) from err
 
 
 def tokenize_chat(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
@@ -162,21 +153,6 @@ def build_trainer(
     )
 
 
-def save_final(trainer: StageSFTTrainer, tokenizer, stage_dir: Path):
-    """Write final/ in the layout of the module docstring; return the model as handed off."""
-    model = trainer.model  # wrapped by TRL when an adapter was asked for
-    set_router_aux_loss(model, False)
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if not isinstance(model, PeftModel):
-        artifacts.save_final(stage_dir, trainer.save_model)
-        return model
-    handed_off = []
-    final = stage_dir / artifacts.FINAL
-    artifacts.save_final(stage_dir, lambda tmp: handed_off.append(save_peft_policy(model, tokenizer, tmp, final)))
-    return handed_off[0]
-
-
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
     if ctx.input_path is None:
@@ -194,13 +170,8 @@ def run(ctx) -> dict[str, float]:
     eval_metrics = trainer.evaluate()
 
     trainable, total = count_parameters(trainer.model)
-    model = save_final(trainer, tokenizer, ctx.stage_dir)
-
-    problems = ctx.task.eval_problems()[: cfg.eval_problems]
-    options = dict(prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
-    greedy = evaluate(model, tokenizer, ctx.task, problems, **options)
-    set_seed(ctx.cfg.seed)
-    sampled = evaluate(model, tokenizer, ctx.task, problems, temperature=1.0, **options)
+    model = save_policy(trainer, tokenizer, ctx.stage_dir)
+    accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", "sft loss (response tokens)")
@@ -209,10 +180,7 @@ def run(ctx) -> dict[str, float]:
     tokens = next((e["num_tokens"] for e in reversed(log_history) if "num_tokens" in e), 0)
     return {
         "eval_loss": eval_metrics["eval_loss"],
-        "eval_accuracy": greedy.accuracy,
-        "eval_accuracy_sampled": sampled.accuracy,
-        "eval_tokens_per_problem": greedy.tokens_per_problem,
-        "eval_num_problems": greedy.num_problems,
+        **accuracy,
         "train_loss": last_loss,
         "train_loss_first": first_loss,
         "train_steps": trainer.state.global_step,

@@ -59,6 +59,18 @@ def smoke_pretrain_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+# every stage there is, in chain order; the chain test and the stage tests read this one run
+SMOKE_CHAIN = "run.stages=[pretrain,sft,reward,dpo,test_time]"
+
+
+@pytest.fixture(scope="session")
+def smoke_chain_run(tmp_path_factory) -> Path:
+    """The whole chain on preset=smoke in one command, shared by the tests that read its outputs."""
+    run_dir = tmp_path_factory.mktemp("chain") / "run"
+    run_cli("preset=smoke", f"run.dir={run_dir}", SMOKE_CHAIN)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def smoke_muon_run(tmp_path_factory) -> Path:
     """The same smoke pretrain run with optim=muon."""

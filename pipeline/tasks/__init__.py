@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.tasks.base import Task
+from pipeline.tasks.base import Task, conversational_pairs
 
 
 def build_task(task_cfg) -> Task:
@@ -17,4 +17,4 @@ def build_task(task_cfg) -> Task:
     raise ValueError(f"task.name={task_cfg.name!r} is unknown; valid: arithmetic, jsonl")
 
 
-__all__ = ["Task", "build_task"]
+__all__ = ["Task", "build_task", "conversational_pairs"]

@@ -64,21 +64,38 @@ def make_problem(rng: random.Random, min_operands: int, max_operands: int, digit
     return Problem(question, tuple(steps), value)
 
 
-def corrupt(problem: Problem, rng: random.Random) -> tuple[tuple[str, ...], int]:
-    """A plausible wrong worked solution: one step is off by a small amount (or a digit), and
-    the error is carried through the later steps, so the chain looks self-consistent."""
+# the kinds of rejected answer in the preference pairs, in rotation; each is one small slip
+NEGATIVE_KINDS = ("carried", "step", "digit")
+
+
+def corrupt(problem: Problem, rng: random.Random, kind: str = "carried") -> str:
+    """A plausible wrong worked solution with one slip:
+
+    carried  one step's result is off by 1, 2 or 10 and the error is carried through the later
+             steps, so the chain is self-consistent and only redoing the arithmetic exposes it;
+    step     the same slip, but the next step goes on from the correct value (so unless the slip
+             is in the last step the final answer is right: only the work is wrong);
+    digit    every step is right and one digit of the final answer is wrong.
+    """
     numbers = [int(t) for t in re.findall(r"\d+", problem.question)]
     operators = re.findall(r"[+-]", problem.question)
+    if kind == "digit":
+        text = str(abs(problem.answer))
+        i = rng.randrange(len(text))
+        digit = rng.choice([d for d in "0123456789" if d != text[i] and (i > 0 or d != "0" or len(text) == 1)])
+        wrong = int(text[:i] + digit + text[i + 1 :]) * (-1 if problem.answer < 0 else 1)
+        return problem.solution(answer=wrong)
+    if kind not in ("carried", "step"):
+        raise ValueError(f"unknown negative kind {kind!r}; valid: {', '.join(NEGATIVE_KINDS)}")
     bad_step = rng.randrange(len(operators))
     delta = rng.choice([-10, -2, -1, 1, 2, 10])
     value, steps = numbers[0], []
     for i, (op, x) in enumerate(zip(operators, numbers[1:])):
         new = value + x if op == "+" else value - x
-        if i == bad_step:
-            new += delta
-        steps.append(f"{value}{op}{x}={new}")
-        value = new
-    return tuple(steps), value
+        shown = new + delta if i == bad_step else new
+        steps.append(f"{value}{op}{x}={shown}")
+        value = shown if kind == "carried" else new
+    return problem.solution(tuple(steps), value)
 
 
 class ArithmeticTask(Task):
@@ -131,9 +148,9 @@ class ArithmeticTask(Task):
     def preference_pairs(self) -> list[dict]:
         rng = random.Random(self.cfg.seed + 2)
         pairs = []
-        for p in self._splits["preference"]:
-            steps, wrong = corrupt(p, rng)
-            pairs.append({"prompt": p.prompt, "chosen": p.solution(), "rejected": p.solution(steps, wrong)})
+        for i, p in enumerate(self._splits["preference"]):
+            kind = NEGATIVE_KINDS[i % len(NEGATIVE_KINDS)]
+            pairs.append({"prompt": p.prompt, "chosen": p.solution(), "rejected": corrupt(p, rng, kind), "kind": kind})
         return pairs
 
     def rl_prompts(self) -> list[dict]:
@@ -141,6 +158,10 @@ class ArithmeticTask(Task):
 
     def eval_problems(self) -> list[dict]:
         return [{"prompt": p.prompt, "answer": str(p.answer)} for p in self._splits["eval"]]
+
+    def extract_answer(self, completion: str) -> str | None:
+        got = extract_answer(completion)
+        return None if got is None else str(got)
 
     def verify(self, completion: str, answer: str) -> float:
         got = extract_answer(completion)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from datasets import Dataset
+
 
 class Task(ABC):
     """Rows are plain dicts so they go straight into `datasets.Dataset.from_list`.
@@ -42,5 +44,26 @@ class Task(ABC):
         """The prompt in the plain-text (pretraining) format, ready for the model to continue."""
 
     @abstractmethod
+    def extract_answer(self, completion: str) -> str | None:
+        """The final answer a completion states, normalised so that equal answers compare
+        equal (majority vote counts these); None if it states none. Never executes model text."""
+
+    @abstractmethod
     def verify(self, completion: str, answer: str) -> float:
         """Reward in [0, 1] for a model completion. Parses strictly; never executes model text."""
+
+
+def conversational_pairs(pairs: list[dict], n_eval: int) -> tuple[Dataset, Dataset]:
+    """(train, eval) preference pairs in TRL's conversational form (prompt = [user], chosen and
+    rejected = [assistant]); the last n_eval pairs are held out."""
+    if len(pairs) <= n_eval:  # n_eval=0: all of them train
+        raise ValueError(f"{len(pairs)} preference pairs leave none for training after holding out {n_eval}")
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": p["prompt"]}],
+            "chosen": [{"role": "assistant", "content": p["chosen"]}],
+            "rejected": [{"role": "assistant", "content": p["rejected"]}],
+        }
+        for p in pairs
+    ]
+    return Dataset.from_list(rows[: len(rows) - n_eval]), Dataset.from_list(rows[len(rows) - n_eval :])

@@ -80,6 +80,10 @@ class JsonlTask(Task):
     def text_prompt(self, prompt: str) -> str:
         return self.cfg.text_prompt.replace("{prompt}", prompt)
 
+    def extract_answer(self, completion: str) -> str | None:
+        match = self._pattern.search(completion)
+        return match.group("answer").strip() if match else None
+
     def verify(self, completion: str, answer: str) -> float:
         match = self._pattern.search(completion)
         return 1.0 if match and match.group("answer").strip() == answer.strip() else 0.0

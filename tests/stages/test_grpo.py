@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline.adapters import build_peft_config
-from pipeline.models import load_model
+from pipeline.models import load_model, save_policy
 from pipeline.tasks import build_task
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
-from stages.grpo import CURVE_FILE, build_dataset, build_rewards, build_trainer, save_final, training_args
+from stages.grpo import CURVE_FILE, build_dataset, build_rewards, build_trainer, training_args
 from tests.conftest import compose_config, run_cli
 
 EXPECTED_METRICS = {
@@ -71,7 +71,7 @@ def test_policy_moves_and_reference_does_not(chain, tmp_path, peft):
     tokenizer.padding_side = "left"
     model = load_model(str(sft_final.resolve()))
     rewards = build_rewards(stage_cfg, task, chain, False)
-    args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path, cfg.seed, rewards[2])
+    args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path, cfg.seed, rewards[1])
     trainer = build_trainer(model, tokenizer, build_dataset(task), args, rewards, stage_cfg,
                             build_peft_config(cfg.peft, model), cfg.optim)
     policy_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -99,7 +99,7 @@ def test_policy_moves_and_reference_does_not(chain, tmp_path, peft):
     assert base.keys() == untouched.keys()
     assert all(torch.equal(base[k], untouched[k]) for k in untouched)
     # hand-off: the merged model in final/, the adapter in final/adapter/
-    handed_off = save_final(trainer, tokenizer, tmp_path)
+    handed_off = save_policy(trainer, tokenizer, tmp_path)
     assert (tmp_path / "final" / "config.json").is_file() and (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
     assert not isinstance(handed_off, type(trainer.model))
 
@@ -119,12 +119,11 @@ def test_reward_model_scores_the_chat_rendering_of_prompt_and_completion(chain, 
 
     cfg = compose_config(["preset=smoke", f"stages.grpo.reward_model={rm_dir}", "stages.grpo.reward_weights.reward_model=0.5"])
     stage_cfg, task = cfg.stages.grpo, build_task(cfg.task)
-    funcs, processing, weights = build_rewards(stage_cfg, task, chain, False)
-    assert weights == [1.0, 1.0, 0.5] and processing[2] is not None
+    funcs, weights = build_rewards(stage_cfg, task, chain, False)
+    assert weights == [1.0, 1.0, 0.5] and funcs[2].__name__ == "reward_model"
     tokenizer.padding_side = "left"
     args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path / "out", cfg.seed, weights)
-    trainer = build_trainer(load_model(str(sft_final)), tokenizer, build_dataset(task), args, (funcs, processing, weights),
-                            stage_cfg)
+    trainer = build_trainer(load_model(str(sft_final)), tokenizer, build_dataset(task), args, (funcs, weights), stage_cfg)
     prompts = [[{"role": "user", "content": "47+18-9=?"}]] * 2
     completions = [[{"role": "assistant", "content": "47+18=65\n65-9=56\nA: 56"}], [{"role": "assistant", "content": "A: 7"}]]
     inputs = [{"prompt": p, "answer": "56"} for p in prompts]

@@ -36,9 +36,9 @@ print(type(model).__name__, out.shape[0], out.shape[1] > batch["input_ids"].shap
 """).split()
 
 
-def test_chain_pretrain_then_full_sft_in_one_command(tmp_path):
-    run_dir = tmp_path / "run"
-    run_cli("run.stages=[pretrain,sft]", "preset=smoke", f"run.dir={run_dir}")
+def test_full_sft_in_the_chain(smoke_chain_run):
+    """sft inside the one-command chain (tests/conftest.py): full fine-tuning from pretrain's final/."""
+    run_dir = smoke_chain_run
     stage = run_dir / "sft"
     result = metrics(stage)
     assert EXPECTED_METRICS <= result.keys()

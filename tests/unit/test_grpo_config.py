@@ -22,7 +22,7 @@ def checkpoint(path: Path, adapter: bool = False) -> Path:
 
 
 def plan_grpo(tmp_path: Path, *overrides: str, init: Path | None = None):
-    init = init or checkpoint(tmp_path / "model")
+    init = init or (tmp_path / "model" if (tmp_path / "model").is_dir() else checkpoint(tmp_path / "model"))
     cfg = compose_config(["run.stages=[grpo]", f"stages.grpo.init={init}", f"run.dir={tmp_path / 'run'}", *overrides])
     return plan_stages(cfg, tmp_path / "run")
 
@@ -38,10 +38,18 @@ def test_adapter_input_is_rejected_naming_the_fix(tmp_path):
         plan_grpo(tmp_path, init=init)
 
 
-def test_reward_model_checkpoint_is_accepted(tmp_path):
+def test_reward_model_checkpoint_is_accepted_and_fingerprinted(tmp_path):
     rm = checkpoint(tmp_path / "rm")
-    (plan,) = plan_grpo(tmp_path, f"stages.grpo.reward_model={rm}", "stages.grpo.reward_weights.reward_model=0.5")
-    assert plan.name == "grpo"
+    with_rm = ["stages.grpo.reward_weights.reward_model=0.5"]
+    (plan,) = plan_grpo(tmp_path, f"stages.grpo.reward_model={rm}", *with_rm)
+    (unused,) = plan_grpo(tmp_path, f"stages.grpo.reward_model={rm}")  # weight 0: the model is not read
+    (other,) = plan_grpo(tmp_path, f"stages.grpo.reward_model={checkpoint(tmp_path / 'rm2')}", *with_rm)
+    assert len({plan.config_hash, unused.config_hash, other.config_hash}) == 3
+    # auto: fine when the reward stage runs first in the same invocation
+    sft = checkpoint(tmp_path / "sft")
+    cfg = compose_config(["run.stages=[reward,grpo]", f"stages.reward.init={sft}", f"stages.grpo.init={sft}",
+                          f"run.dir={tmp_path / 'run'}", *with_rm])
+    assert [p.name for p in plan_stages(cfg, tmp_path / "run")] == ["reward", "grpo"]
 
 
 @pytest.mark.parametrize(
@@ -58,10 +66,8 @@ def test_reward_model_checkpoint_is_accepted(tmp_path):
         (["stages.grpo.scaling_warmup_fraction=1.0"], r"scaling_warmup_fraction=1.0 must be in \[0, 1\)"),
         (["stages.grpo.reward_weights.correct=0"], r"reward_weights are all 0"),
         (["+stages.grpo.reward_weights.length=1"], r"unknown rewards \['length'\]"),
-        (["stages.grpo.reward_weights.reward_model=0.5"], r"reward_model is not 0 but stages.grpo.reward_model is unset"),
-        (["stages.grpo.reward_model=/nowhere"], r"reward_model=/nowhere is set but reward_weights.reward_model is 0"),
-        (["stages.grpo.reward_model=/nowhere", "stages.grpo.reward_weights.reward_model=1"], r"/nowhere is not a checkpoint directory"),
-        (["stages.grpo.reward_model=reward", "stages.grpo.reward_weights.reward_model=1"], r"reward_model=reward reads .*/run/reward/final, which does not exist"),
+        (["stages.grpo.reward_weights.reward_model=0.5"], r"reward_model=auto reads .*/run/reward/final, which does not exist"),
+        (["stages.grpo.reward_model=/nowhere", "stages.grpo.reward_weights.reward_model=1"], r"reward_model=/nowhere is not a model directory"),
         (["stages.grpo.reward_weights.format=1", "stages.grpo.format_pattern='(unclosed'"], r"format_pattern='\(unclosed' is not a regular expression"),
         (["stages.grpo.use_vllm=true"], r"use_vllm=true needs a GPU"),
         (["peft=lora", "stages.grpo.freeze=[self_attn]"], r"freeze applies to full fine-tuning; with peft=lora choose"),

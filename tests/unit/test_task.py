@@ -69,17 +69,31 @@ def test_preference_pairs_have_hard_negatives():
     task = arithmetic()
     pairs = task.preference_pairs()
     assert len(pairs) == 300
+    assert [p["kind"] for p in pairs[:6]] == ["carried", "step", "digit"] * 2
     answers = {p.prompt: p.answer for p in task.problems("preference")}
     for pair in pairs:
-        answer = str(answers[pair["prompt"]])
-        assert task.verify(pair["chosen"], answer) == 1.0
-        assert task.verify(pair["rejected"], answer) == 0.0
-        wrong = extract_answer(pair["rejected"])
-        assert 0 < abs(wrong - int(answer)) <= 10  # wrong by one small slip, carried through
+        answer = int(answers[pair["prompt"]])
+        assert task.verify(pair["chosen"], str(answer)) == 1.0
         check_chain(pair["prompt"].replace("=?", ""), pair["chosen"])
-        # the rejected chain differs from the chosen one in the slipped step onwards only
         good, bad = pair["chosen"].split("\n"), pair["rejected"].split("\n")
-        assert len(good) == len(bad) and good != bad
+        assert len(good) == len(bad)
+        wrong = extract_answer(pair["rejected"])
+        differs = [i for i, (g, b) in enumerate(zip(good, bad)) if g != b]
+        if pair["kind"] == "digit":  # the steps are right, one digit of the answer is not
+            assert differs == [len(good) - 1]
+            assert len(str(abs(wrong))) == len(str(abs(answer))) and (wrong < 0) == (answer < 0)
+            assert sum(a != b for a, b in zip(str(abs(wrong)), str(abs(answer)))) == 1
+        elif pair["kind"] == "carried":  # one slip of 1, 2 or 10, carried to the answer
+            assert abs(wrong - answer) in (1, 2, 10)
+            assert differs == list(range(differs[0], len(good)))
+        else:  # "step": one step shows a wrong result and the chain goes on from the right one
+            slipped = [i for i in differs if i < len(good) - 1]
+            assert len(slipped) == 1
+            assert differs in ([slipped[0]], [slipped[0], len(good) - 1])  # the answer is wrong only if the slip was last
+            if differs == [slipped[0]]:  # a false equation in the work, yet the right final answer
+                assert wrong == answer and task.verify(pair["rejected"], str(answer)) == 1.0
+                continue
+        assert task.verify(pair["rejected"], str(answer)) == 0.0
 
 
 def test_jsonl_task_reads_columns_and_fails_clearly(tmp_path):

@@ -1,0 +1,192 @@
+"""Stage `dpo`: Direct Preference Optimization on the task's preference pairs (TRL's DPOTrainer).
+
+Training pairs (`pairs`): `on_policy` (default) samples `samples_per_prompt` completions per RL
+prompt from the starting policy and pairs a verified-correct one (chosen) with an incorrect one
+(rejected), so DPO pushes down the mistakes this policy actually makes; `task` uses the task's
+fixed preference pairs. Held-out pairs for the implicit-reward accuracy are always the task's.
+
+The policy starts from the SFT checkpoint and the reference is that same checkpoint, frozen:
+with full fine-tuning TRL loads a second copy; with an adapter (peft=lora|prefix|prompt) the
+reference is the policy with its adapter disabled, so no second copy is held. `beta` and
+`loss_type` (sigmoid = DPO, ipo, hinge, ... whatever the installed trl offers) come from the
+config. Pairs are conversations in the input's chat template, as in the reward stage; the
+loss covers the assistant's tokens only. final/ is handed off like sft's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer
+
+from pipeline import distributed, preemption
+from pipeline.adapters import build_peft_config, check_peft_config
+from pipeline.evaluate import evaluate_policy, generate, render_prompts
+from pipeline.models import check_trainable_input, count_parameters, load_model, save_policy, set_router_aux_loss
+from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
+from pipeline.report import first_and_last_loss, plot_loss
+from pipeline.runner import ConfigError, log
+from pipeline.tasks import conversational_pairs
+
+SPLITS = ("preference", "rl", "eval")
+PAIR_SOURCES = ("on_policy", "task")
+USES = ("task", "optim", "peft")
+# the pairwise losses of trl 1.16's DPOTrainer (DPOConfig.loss_type); tests check them against it
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+
+def validate(cfg, input_path: Path | None) -> None:
+    stage, peft_cfg = cfg.stages.dpo, cfg.peft
+    try:
+        check_peft_config(peft_cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    losses = list(stage.loss_type) if not isinstance(stage.loss_type, str) else [stage.loss_type]
+    unknown = [loss for loss in losses if loss not in LOSS_TYPES]
+    if unknown:
+        raise ConfigError(f"stages.dpo.loss_type={unknown} is unknown; valid: {', '.join(LOSS_TYPES)}")
+    if stage.loss_weights is not None and len(stage.loss_weights) != len(losses):
+        raise ConfigError(f"stages.dpo.loss_weights={list(stage.loss_weights)} needs one weight per loss_type {losses}")
+    if stage.beta <= 0:
+        raise ConfigError(f"stages.dpo.beta={stage.beta} must be > 0 (it scales the implicit reward)")
+    if "exo_pair" in losses and stage.label_smoothing == 0:
+        raise ConfigError("stages.dpo.loss_type=exo_pair needs stages.dpo.label_smoothing > 0 (the paper uses 1e-3)")
+    if stage.pairs not in PAIR_SOURCES:
+        raise ConfigError(f"stages.dpo.pairs={stage.pairs!r} is unknown; valid: {', '.join(PAIR_SOURCES)}")
+    if stage.pairs == "on_policy" and stage.samples_per_prompt < 2:
+        raise ConfigError(f"stages.dpo.samples_per_prompt={stage.samples_per_prompt}: on-policy pairs need at least 2 samples per prompt")
+    if stage.eval_pairs < 1:
+        raise ConfigError(f"stages.dpo.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the reward accuracy")
+    if input_path is not None:
+        input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+
+
+def input_tokenizer(path: Path, trust_remote_code: bool):
+    try:
+        return check_trainable_input(path, "dpo", trust_remote_code)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -> DPOConfig:
+    lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
+    return DPOConfig(
+        output_dir=str(output_dir),
+        max_steps=stage_cfg.max_steps,
+        per_device_train_batch_size=stage_cfg.batch_size,
+        per_device_eval_batch_size=stage_cfg.batch_size,
+        gradient_accumulation_steps=stage_cfg.grad_accum,
+        gradient_checkpointing=False,  # TRL turns it on by default; these models are small
+        max_length=stage_cfg.max_length,
+        beta=float(stage_cfg.beta),
+        loss_type=list(stage_cfg.loss_type) if not isinstance(stage_cfg.loss_type, str) else [stage_cfg.loss_type],
+        loss_weights=list(stage_cfg.loss_weights) if stage_cfg.loss_weights is not None else None,
+        label_smoothing=float(stage_cfg.label_smoothing),
+        eval_strategy="steps",
+        eval_steps=stage_cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=stage_cfg.save_steps,
+        save_total_limit=stage_cfg.save_total_limit,
+        logging_steps=stage_cfg.logging_steps,
+        report_to=[],
+        seed=seed,
+        bf16=False,
+        # prefix tuning: no router aux loss (TRL hands the prefix-lengthened mask to the MoE aux loss, see sft)
+        router_aux_loss_coef=0.0 if peft_cfg.method == "prefix" else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **trainer_kwargs(optim_cfg, lr),
+    )
+
+
+def on_policy_pairs(model, tokenizer, task, stage_cfg, seed: int) -> list[dict]:
+    """Pairs from the policy's own samples, judged by the task's verifier: per RL prompt,
+    `samples_per_prompt` completions at `sample_temperature`; correct ones are paired with
+    incorrect ones (as many pairs as the smaller side has). Prompts the policy gets all right
+    or all wrong give no pair."""
+    prompts = task.rl_prompts()[: stage_cfg.pair_prompts]
+    set_seed(seed)
+    texts, _ = generate(
+        model, tokenizer, render_prompts(tokenizer, task, [p["prompt"] for p in prompts], "chat"),
+        temperature=float(stage_cfg.sample_temperature), num_samples=int(stage_cfg.samples_per_prompt),
+        max_new_tokens=int(stage_cfg.max_new_tokens), batch_size=int(stage_cfg.eval_batch_size),
+    )
+    pairs = []
+    for problem, samples in zip(prompts, texts):
+        right = [t for t in samples if task.verify(t, problem["answer"]) >= 1.0]
+        wrong = [t for t in samples if task.verify(t, problem["answer"]) < 1.0]
+        pairs += [{"prompt": problem["prompt"], "chosen": c, "rejected": r} for c, r in zip(right, wrong)]
+    return pairs
+
+
+def build_trainer(model, tokenizer, train_data, eval_data, args: DPOConfig, peft_config, optim_cfg) -> DPOTrainer:
+    """TRL's DPOTrainer with the reference left to TRL (a frozen copy, or the adapter disabled)."""
+    trainer = DPOTrainer(
+        model=model, ref_model=None, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        processing_class=tokenizer, peft_config=peft_config,
+    )
+    # trl 1.16's DPOTrainer has no constructor argument for it; the Trainer reads the attribute
+    trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(optim_cfg, args.learning_rate)
+    return trainer
+
+
+def implicit_rewards(trainer: DPOTrainer, pairs, prefix: str) -> dict[str, float]:
+    """TRL's implicit-reward accuracy and margin (beta * log-ratio to the reference, chosen minus
+    rejected) on `pairs`, from one evaluation pass."""
+    metrics = trainer.evaluate(eval_dataset=pairs)  # trl logs these as eval_rewards/* whatever the prefix
+    return {
+        f"{prefix}_reward_accuracy": metrics["eval_rewards/accuracies"],
+        f"{prefix}_reward_margin": metrics["eval_rewards/margins"],
+    }
+
+
+def run(ctx) -> dict[str, float]:
+    cfg = ctx.stage_cfg
+    if ctx.input_path is None:
+        raise ConfigError("dpo needs an input checkpoint: set stages.dpo.input_stage or stages.dpo.init")
+    validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
+    tokenizer = input_tokenizer(ctx.input_path, bool(ctx.cfg.model.trust_remote_code))
+    model = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code))
+    peft_config = build_peft_config(ctx.cfg.peft, model)
+    set_router_aux_loss(model, ctx.cfg.peft.method != "prefix")  # see router_aux_loss_coef below
+    train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
+    if cfg.pairs == "on_policy":
+        pairs = on_policy_pairs(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+        log(f"stage dpo: {len(pairs)} on-policy pairs from {cfg.pair_prompts} prompts x {cfg.samples_per_prompt} samples")
+        if not pairs:
+            raise RuntimeError("the policy's samples gave no (correct, incorrect) pair; raise stages.dpo.pair_prompts, "
+                               "samples_per_prompt or sample_temperature, or use stages.dpo.pairs=task")
+        train_data = conversational_pairs(pairs, 0)[0]
+    train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
+    args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
+    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.cfg.optim)
+    before = implicit_rewards(trainer, train_probe, "train_probe_before")
+    train_output = preemption.train(trainer, ctx)
+    after = {**implicit_rewards(trainer, train_probe, "train_probe"), **implicit_rewards(trainer, eval_data, "eval")}
+
+    trainable, total = count_parameters(trainer.model)
+    model = save_policy(trainer, tokenizer, ctx.stage_dir)
+    accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    log_history = trainer.state.log_history
+    if distributed.is_main_process():
+        plot_loss(log_history, ctx.stage_dir / "loss.png", f"dpo loss ({', '.join(args.loss_type)}, beta={args.beta})")
+    first_loss, last_loss = first_and_last_loss(log_history)
+    last_train = next((e for e in reversed(log_history) if "rewards/margins" in e), {})
+    return {
+        **accuracy,
+        **after,
+        "train_probe_reward_margin_before": before["train_probe_before_reward_margin"],
+        "train_reward_accuracy": last_train.get("rewards/accuracies", float("nan")),
+        "train_reward_margin": last_train.get("rewards/margins", float("nan")),
+        "train_loss": last_loss,
+        "train_loss_first": first_loss,
+        "train_steps": trainer.state.global_step,
+        "train_pairs": len(train_data),
+        "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }

@@ -1,0 +1,184 @@
+"""Stage `test_time`: answer the held-out problems with each test-time method and compare them
+side by side (pipeline/sampling.py): greedy, sampling at temperature 1, low temperature
+(1/alpha), power sampling (MCMC from p^alpha), majority vote and best-of-N over sampled
+candidates. No training and no final/: the outputs are metrics.json, a table (summary.md, also
+in the run report) and a bar chart.
+
+Input: the newest policy of the run (input_stage lists grpo, dpo, sft, pretrain in order of
+preference; `init` takes any checkpoint or prefix/prompt adapter final/, loaded with
+pipeline.models.load_policy; power sampling places prefix/prompt-tuning virtual tokens itself).
+
+best_of_n scores candidates with a reward model: `reward_model: auto` uses <run.dir>/reward/final
+when the run has one (the `reward` stage) and otherwise leaves best_of_n out with a logged
+reason, so the default chain runs without a reward stage; a path must hold a sequence-
+classification model, else ConfigError before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+from pipeline import artifacts, distributed
+from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
+from pipeline.report import STAGE_SUMMARY, format_value
+from pipeline.runner import ConfigError, completed_manifest, log
+from pipeline.reward_model import RewardScorer
+from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, TestTimeSettings, run_method
+from pipeline.tokenizer import load_chat_tokenizer
+
+SPLITS = ("eval",)
+USES = ("task",)
+WRITES_FINAL = False
+PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE")
+
+
+def validate(cfg, input_path: Path | None) -> None:
+    stage = cfg.stages.test_time
+    methods = list(stage.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ConfigError(
+            f"stages.test_time.methods={methods}: list each method once, from {', '.join(METHODS)}"
+        )
+    checks = {
+        "alpha": stage.alpha >= 1.0, "mcmc_steps": stage.mcmc_steps >= 0, "block_size": stage.block_size >= 1,
+        "num_samples": stage.num_samples >= 1, "max_new_tokens": stage.max_new_tokens >= 1,
+        "eval_problems": stage.eval_problems >= 1, "batch_size": stage.batch_size >= 1,
+        "sample_temperature": stage.sample_temperature > 0,
+    }
+    for name, ok in checks.items():
+        if not ok:
+            raise ConfigError(f"stages.test_time.{name}={stage[name]} is out of range "
+                              "(alpha >= 1, mcmc_steps >= 0, temperature > 0, the rest >= 1)")
+    if "best_of_n" in methods and str(stage.reward_model) != "auto":
+        path = Path(str(stage.reward_model)).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"stages.test_time.reward_model={stage.reward_model} is not a model directory (no config.json); point "
+                "it at a reward stage's final/, or use reward_model=auto, or drop best_of_n from stages.test_time.methods"
+            )
+    if input_path is None:
+        return
+    if "power" in methods and is_adapter_checkpoint(input_path):
+        peft_type = json.loads((input_path / ADAPTER_CONFIG).read_text()).get("peft_type")
+        if peft_type in PROMPT_LEARNING_TYPES and peft_type not in VIRTUAL_TOKEN_TYPES:
+            raise ConfigError(
+                f"the test_time input {input_path} is a {peft_type} adapter; power sampling places the virtual tokens "
+                f"of {' and '.join(VIRTUAL_TOKEN_TYPES)} adapters only. Drop power from stages.test_time.methods, or "
+                "evaluate a full, LoRA, prefix or prompt tuning checkpoint"
+            )
+    try:
+        load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+    except ValueError as err:
+        raise ConfigError(f"test_time input: {err}") from err
+
+
+def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
+    """The reward model's fingerprint (part of the config hash): a new reward model in the run
+    reruns test_time. None when best_of_n is not asked for."""
+    stage = cfg.stages.test_time
+    if "best_of_n" not in stage.methods:
+        return None
+    if str(stage.reward_model) != "auto":
+        return f"path:{Path(str(stage.reward_model)).expanduser().resolve()}"
+    if "reward" in planned:
+        return f"reward:{planned['reward']}"
+    manifest = completed_manifest(run_dir, "reward")
+    return f"reward:{manifest['config_hash']}" if manifest else None
+
+
+def reward_model_path(stage_cfg, run_dir: Path) -> tuple[Path | None, str]:
+    """(path, reason when None) of the reward model for best_of_n."""
+    if str(stage_cfg.reward_model) != "auto":
+        return Path(str(stage_cfg.reward_model)).expanduser(), ""
+    path = run_dir / "reward" / artifacts.FINAL
+    if (path / "config.json").is_file():
+        return path, ""
+    return None, f"reward_model=auto and {path} does not exist (no reward stage in this run)"
+
+
+def load_reward(path: Path, trust_remote_code: bool, batch_size: int) -> RewardScorer:
+    try:
+        return RewardScorer.load(path, trust_remote_code, batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"reward model {path}: {err}") from err
+
+
+def settings_from(stage_cfg, seed: int) -> TestTimeSettings:
+    return TestTimeSettings(
+        alpha=float(stage_cfg.alpha), mcmc_steps=int(stage_cfg.mcmc_steps), block_size=int(stage_cfg.block_size),
+        num_samples=int(stage_cfg.num_samples), sample_temperature=float(stage_cfg.sample_temperature),
+        max_new_tokens=int(stage_cfg.max_new_tokens), batch_size=int(stage_cfg.batch_size), seed=seed,
+    )
+
+
+def summary_table(results: list[MethodResult], settings: TestTimeSettings) -> str:
+    lines = [
+        "## test_time: methods side by side", "",
+        f"alpha={settings.alpha:g}, MH steps per block={settings.mcmc_steps}, block={settings.block_size} tokens, "
+        f"candidates for vote / best-of-N={settings.num_samples} at T={settings.sample_temperature:g}, "
+        f"{results[0].num_problems} held-out problems", "",
+        "| method | accuracy | tokens / problem | wall time (s) |", "| --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(f"| {r.method} | {r.accuracy:.3f} | {format_value(r.tokens_per_problem)} | {r.wall_time_s:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_methods(results: list[MethodResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar([r.method for r in results], [r.accuracy for r in results], color="tab:blue")
+    for bar, r in zip(bars, results):
+        ax.annotate(f"{r.accuracy:.3f}\n{r.tokens_per_problem:.0f} tok", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.15)
+    ax.set_title("test-time methods (label: accuracy, generated tokens per problem)")
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(ctx) -> dict[str, float]:
+    cfg = ctx.stage_cfg
+    if ctx.input_path is None:
+        raise ConfigError("test_time needs an input checkpoint: set stages.test_time.input_stage or stages.test_time.init")
+    validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
+    trust = bool(ctx.cfg.model.trust_remote_code)
+    tokenizer = load_chat_tokenizer(ctx.input_path, trust)
+    model = load_policy(ctx.input_path.resolve(), trust)
+    settings = settings_from(cfg, ctx.cfg.seed)
+    methods = list(cfg.methods)
+    reward = None
+    if "best_of_n" in methods:
+        path, reason = reward_model_path(cfg, ctx.run_dir)
+        if path is None:
+            log(f"stage test_time: best_of_n left out: {reason}")
+            methods.remove("best_of_n")
+        else:
+            reward = load_reward(path, trust, settings.batch_size)
+    problems = ctx.task.eval_problems()[: cfg.eval_problems]
+    results, candidates = [], {}  # majority_vote and best_of_n share their candidates
+    for method in methods:
+        result = run_method(method, model, tokenizer, ctx.task, problems, settings, reward, candidates)
+        log(f"stage test_time: {method}: accuracy {result.accuracy:.3f}, {result.tokens_per_problem:.1f} tokens/problem, "
+            f"{result.wall_time_s:.1f}s")
+        results.append(result)
+    metrics: dict[str, float] = {"eval_num_problems": len(problems)}
+    for r in results:
+        metrics[f"accuracy/{r.method}"] = r.accuracy
+        metrics[f"tokens_per_problem/{r.method}"] = r.tokens_per_problem
+        metrics[f"wall_time_s/{r.method}"] = round(r.wall_time_s, 2)
+        metrics.update({f"{name}/{r.method}": value for name, value in r.extras.items()})
+    if distributed.is_main_process():
+        artifacts.write_text_atomic(ctx.stage_dir / STAGE_SUMMARY, summary_table(results, settings))
+        plot_methods(results, ctx.stage_dir / "methods.png")
+    return metrics

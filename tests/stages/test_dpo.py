@@ -1,0 +1,129 @@
+"""The dpo stage: the implicit reward margin grows on training pairs (from the one-command smoke
+chain), the policy trains while its reference stays put (in process, per PEFT method), and bad
+configs stop before compute."""
+
+import inspect
+import json
+import re
+
+import pytest
+import torch
+from trl import DPOTrainer
+
+from pipeline.adapters import build_peft_config
+from pipeline.models import check_trainable_input, load_model
+from pipeline.runner import ConfigError
+from pipeline.tasks import build_task, conversational_pairs
+from stages import dpo
+from tests.conftest import compose_config
+
+EXPECTED_METRICS = {
+    "eval_accuracy", "eval_accuracy_sampled", "eval_reward_accuracy", "eval_reward_margin",
+    "train_reward_accuracy", "train_reward_margin", "train_probe_reward_margin", "train_probe_reward_margin_before",
+}
+
+
+def test_implicit_reward_margin_on_training_pairs_increases(smoke_chain_run):
+    result = json.loads((smoke_chain_run / "dpo" / "metrics.json").read_text())
+    assert EXPECTED_METRICS <= result.keys()
+    # before training the policy is its reference: every implicit reward is zero
+    assert abs(result["train_probe_reward_margin_before"]) < 1e-4, result
+    assert result["train_probe_reward_margin"] > 0.01, result
+    assert result["train_loss"] < result["train_loss_first"], result
+
+
+def trainable_split(model) -> tuple[dict, dict]:
+    """(frozen, trainable) parameter copies by name."""
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return frozen, trained
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "prefix"])
+def test_policy_trains_and_reference_stays(smoke_chain_run, tmp_path, method):
+    sft_final = smoke_chain_run / "sft" / "final"
+    cfg = compose_config(["preset=smoke", f"peft={method}", "stages.dpo.max_steps=3", "stages.dpo.lr=1e-2"])
+    tokenizer = check_trainable_input(sft_final, "dpo")
+    model = load_model(str(sft_final))
+    train, held_out = conversational_pairs(build_task(cfg.task).preference_pairs(), 16)
+    args = dpo.training_args(cfg.stages.dpo, cfg.optim, cfg.peft, tmp_path, seed=0)
+    trainer = dpo.build_trainer(model, tokenizer, train, held_out, args, build_peft_config(cfg.peft, model), cfg.optim)
+    probe = tokenizer.apply_chat_template([{"role": "user", "content": "12+34"}], return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        sft_logits = load_model(str(sft_final))(**probe).logits
+
+    if method == "none":  # a frozen copy of the SFT model
+        reference = trainer.ref_model
+        assert reference is not None and reference is not trainer.model
+        ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    else:  # no second copy: the reference is the policy with its adapter disabled
+        assert trainer.ref_model is None
+    frozen_before, trained_before = trainable_split(trainer.model)
+    trainer.train()
+    frozen_after, trained_after = trainable_split(trainer.model)
+
+    assert any(not torch.equal(trained_after[n], trained_before[n]) for n in trained_before), "policy did not change"
+    assert all(torch.equal(frozen_after[n], frozen_before[n]) for n in frozen_before)
+    if method == "none":
+        assert all(torch.equal(p, ref_before[n]) for n, p in trainer.ref_model.named_parameters())
+        reference_model = trainer.ref_model
+    else:
+        size = lambda params: sum(t.numel() for t in params.values())  # noqa: E731
+        assert 0 < size(trained_before) < 0.5 * size(frozen_before)
+        reference_model = trainer.model
+    with torch.no_grad(), (trainer.model.disable_adapter() if method != "none" else torch.no_grad()):
+        ref_logits = reference_model(**probe).logits
+    torch.testing.assert_close(ref_logits[..., -sft_logits.shape[1] :, :], sft_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_types_match_the_installed_trl():
+    source = inspect.getsource(DPOTrainer._compute_loss)
+    assert set(re.findall(r'loss_type == "(\w+)"', source)) == set(dpo.LOSS_TYPES)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages.dpo.loss_type=kto"], "stages.dpo.loss_type=['kto'] is unknown"),
+        (["stages.dpo.beta=0"], "stages.dpo.beta=0"),
+        (["stages.dpo.loss_type=exo_pair"], "needs stages.dpo.label_smoothing > 0"),
+        (["stages.dpo.eval_pairs=0"], "hold out at least 1 pair"),
+        (["stages.dpo.pairs=mine"], "stages.dpo.pairs='mine' is unknown"),
+        (["stages.dpo.pairs=on_policy", "stages.dpo.samples_per_prompt=1"], "at least 2 samples per prompt"),
+    ],
+)
+def test_bad_dpo_config_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dpo.validate(compose_config(["preset=smoke", *overrides]), None)
+
+
+class FakeTask:
+    def rl_prompts(self):
+        return [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2", "answer": "4"}, {"prompt": "3+3", "answer": "6"}]
+
+    def verify(self, completion, answer):
+        return 1.0 if completion == f"A: {answer}" else 0.0
+
+
+def test_on_policy_pairs_put_verified_answers_over_wrong_ones(monkeypatch):
+    samples = [
+        ["A: 2", "A: 3", "A: 2", "oops"],  # two right, two wrong: two pairs
+        ["A: 4", "A: 4", "A: 4", "A: 4"],  # all right: no pair
+        ["A: 5", "A: 7", "A: 6", "A: 8"],  # one right: one pair
+    ]
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, *, temperature, num_samples, max_new_tokens, batch_size):
+        seen.update(prompts=prompts, temperature=temperature, num_samples=num_samples)
+        return samples, [[4] * 4] * 3
+
+    monkeypatch.setattr(dpo, "generate", fake_generate)
+    monkeypatch.setattr(dpo, "render_prompts", lambda tokenizer, task, prompts, fmt: [f"<{p}>" for p in prompts])
+    cfg = compose_config(["preset=smoke", "stages.dpo.pair_prompts=3", "stages.dpo.samples_per_prompt=4"]).stages.dpo
+    pairs = dpo.on_policy_pairs(None, None, FakeTask(), cfg, seed=0)
+    assert seen == {"prompts": ["<1+1>", "<2+2>", "<3+3>"], "temperature": 1.0, "num_samples": 4}
+    assert pairs == [
+        {"prompt": "1+1", "chosen": "A: 2", "rejected": "A: 3"},
+        {"prompt": "1+1", "chosen": "A: 2", "rejected": "oops"},
+        {"prompt": "3+3", "chosen": "A: 6", "rejected": "A: 5"},
+    ]

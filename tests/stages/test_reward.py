@@ -1,0 +1,70 @@
+"""The reward stage on preset=smoke, read from the one-command chain run (tests/conftest.py)."""
+
+import json
+from pathlib import Path
+
+from pipeline.tasks import build_task
+from tests.conftest import compose_config, python_in_fresh_process, run_cli
+
+EXPECTED_METRICS = {
+    "eval_pairwise_accuracy", "eval_loss", "eval_reward_margin", "train_loss", "train_loss_first",
+    "trainable_parameters", "total_parameters",
+}
+
+
+def metrics(stage: Path) -> dict:
+    return json.loads((stage / "metrics.json").read_text())
+
+
+def test_chain_runs_every_stage_in_one_command(smoke_chain_run):
+    report = (smoke_chain_run / "report.md").read_text()
+    # test_time evaluates the newest policy (dpo's) and scores best-of-N with the run's reward model
+    inputs = {"pretrain": None, "sft": "pretrain", "reward": "sft", "dpo": "sft", "test_time": "dpo"}
+    for stage, upstream in inputs.items():
+        manifest = json.loads((smoke_chain_run / stage / "stage.json").read_text())
+        assert manifest["status"] == "completed", (stage, manifest)
+        if upstream:
+            assert manifest["input"] == str(smoke_chain_run / upstream / "final"), (stage, manifest["input"])
+        assert f"| {stage} | completed |" in report
+        assert (smoke_chain_run / stage / "final" / "config.json").is_file() == (stage != "test_time")
+    assert 0.0 <= metrics(smoke_chain_run / "test_time")["accuracy/best_of_n"] <= 1.0
+
+
+def test_reward_pairwise_loss_falls(smoke_chain_run):
+    result = metrics(smoke_chain_run / "reward")
+    assert EXPECTED_METRICS <= result.keys()
+    assert result["train_loss"] < result["train_loss_first"] - 0.1, result  # from log 2 = ln(2) - 0.1
+    assert result["trainable_parameters"] == result["total_parameters"]  # full fine-tuning plus the head
+    assert 0.0 <= result["eval_pairwise_accuracy"] <= 1.0
+
+
+def test_reward_model_reloads_in_a_fresh_process_and_prefers_chosen(smoke_chain_run):
+    """Plain transformers, no project code: the checkpoint scores chosen above its rejected twin."""
+    pairs = build_task(compose_config(["preset=smoke"]).task).preference_pairs()[:8]
+    final = smoke_chain_run / "reward" / "final"
+    out = python_in_fresh_process(f"""
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained({str(final)!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(final)!r})
+def reward(prompt, answer):
+    messages = [{{"role": "user", "content": prompt}}, {{"role": "assistant", "content": answer}}]
+    ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits[0, 0].item()
+pairs = {pairs!r}
+print(type(model).__name__, sum(reward(p["prompt"], p["chosen"]) > reward(p["prompt"], p["rejected"]) for p in pairs))
+""").split()
+    assert out[0] == "Qwen3MoeForSequenceClassification"
+    assert int(out[1]) >= 6, out  # of 8 training pairs (a chance-level model gets 4)
+
+
+def test_reward_refuses_prompt_learning_before_compute(smoke_chain_run, tmp_path):
+    proc = run_cli(
+        "preset=smoke", "run.stages=[reward]", "peft=prefix", f"run.dir={tmp_path / 'run'}",
+        f"stages.reward.init={smoke_chain_run / 'sft' / 'final'}", check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "peft=prefix with stage reward" in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "reward").exists()
+
