@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
@@ -123,6 +124,30 @@ def on_policy_pairs(model, tokenizer, task, stage_cfg, seed: int) -> list[dict]:
     return pairs
 
 
+def first_step_pairs(pairs: list[dict], tokenizer) -> list[dict]:
+    """Step-level pairs (as in Step-DPO): the shared opening lines of chosen and rejected move
+    into the prompt, and the two completions are the first line where they part. Everything
+    after the slip is left out: in the rejected answer it is mostly sound work on a wrong number,
+    which full-answer DPO would push down as well. Plain-text rows: the prompt is the chat
+    rendering plus the shared lines."""
+    rows = []
+    for pair in pairs:
+        good, bad = pair["chosen"].split("\n"), pair["rejected"].split("\n")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": pair["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        k = next((i for i, (g, b) in enumerate(zip(good, bad)) if g != b), None)
+        if k is None:  # one answer is the other cut short: no single line parts them, keep both whole
+            rows.append({"prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"]})
+            continue
+
+        def step(lines: list[str]) -> str:
+            return lines[k] + "\n" if k < len(lines) - 1 else lines[k]
+
+        rows.append({"prompt": prompt + "".join(line + "\n" for line in good[:k]), "chosen": step(good), "rejected": step(bad)})
+    return rows
+
+
 def build_trainer(model, tokenizer, train_data, eval_data, args: DPOConfig, peft_config, optim_cfg) -> DPOTrainer:
     """TRL's DPOTrainer with the reference left to TRL (a frozen copy, or the adapter disabled)."""
     trainer = DPOTrainer(
@@ -160,7 +185,7 @@ def run(ctx) -> dict[str, float]:
         if not pairs:
             raise RuntimeError("the policy's samples gave no (correct, incorrect) pair; raise stages.dpo.pair_prompts, "
                                "samples_per_prompt or sample_temperature, or use stages.dpo.pairs=task")
-        train_data = conversational_pairs(pairs, 0)[0]
+        train_data = Dataset.from_list(first_step_pairs(pairs, tokenizer)) if cfg.step_level else conversational_pairs(pairs, 0)[0]
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
     args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.cfg.optim)

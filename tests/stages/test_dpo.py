@@ -14,6 +14,7 @@ from pipeline.adapters import build_peft_config
 from pipeline.models import check_trainable_input, load_model
 from pipeline.runner import ConfigError
 from pipeline.tasks import build_task, conversational_pairs
+from pipeline.tokenizer import train_tokenizer
 from stages import dpo
 from tests.conftest import compose_config
 
@@ -126,4 +127,22 @@ def test_on_policy_pairs_put_verified_answers_over_wrong_ones(monkeypatch):
         {"prompt": "1+1", "chosen": "A: 2", "rejected": "A: 3"},
         {"prompt": "1+1", "chosen": "A: 2", "rejected": "oops"},
         {"prompt": "3+3", "chosen": "A: 6", "rejected": "A: 5"},
+    ]
+
+
+def test_step_level_pairs_stop_at_the_first_line_that_parts_them():
+    tokenizer = train_tokenizer(["Q: 12+34-5=?\n12+34=46\n46-5=41\nA: 41\n"] * 20, 300)
+    head = tokenizer.apply_chat_template([{"role": "user", "content": "12+34-5=?"}], tokenize=False, add_generation_prompt=True)
+    pairs = [
+        {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=46\n46-5=40\nA: 40"},
+        {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=47\n47-5=42\nA: 42"},
+        {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=46\n46-5=41\nA: 4"},
+        {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=46\n46-5=41"},
+    ]
+    assert dpo.first_step_pairs(pairs, tokenizer) == [
+        {"prompt": head + "12+34=46\n", "chosen": "46-5=41\n", "rejected": "46-5=40\n"},
+        {"prompt": head, "chosen": "12+34=46\n", "rejected": "12+34=47\n"},
+        {"prompt": head + "12+34=46\n46-5=41\n", "chosen": "A: 41", "rejected": "A: 4"},
+        # cut short (no line parts them): both whole
+        {"prompt": head, "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=46\n46-5=41"},
     ]

@@ -1,10 +1,12 @@
-"""The reward stage on preset=smoke, read from the one-command chain run (tests/conftest.py)."""
+"""The reward stage on preset=smoke: in the one-command chain run (tests/conftest.py), and on
+user JSONL pairs a smoke-sized model can learn."""
 
 import json
 from pathlib import Path
 
-from pipeline.tasks import build_task
-from tests.conftest import compose_config, python_in_fresh_process, run_cli
+import pytest
+
+from tests.conftest import python_in_fresh_process, run_cli
 
 EXPECTED_METRICS = {
     "eval_pairwise_accuracy", "eval_loss", "eval_reward_margin", "train_loss", "train_loss_first",
@@ -30,18 +32,44 @@ def test_chain_runs_every_stage_in_one_command(smoke_chain_run):
     assert 0.0 <= metrics(smoke_chain_run / "test_time")["accuracy/best_of_n"] <= 1.0
 
 
-def test_reward_pairwise_loss_falls(smoke_chain_run):
+def test_reward_in_the_chain_writes_its_metrics(smoke_chain_run):
     result = metrics(smoke_chain_run / "reward")
     assert EXPECTED_METRICS <= result.keys()
-    assert result["train_loss"] < result["train_loss_first"] - 0.1, result  # from log 2 = ln(2) - 0.1
+    assert {f"eval_pairwise_accuracy/{kind}" for kind in ("carried", "step", "digit")} <= result.keys()
     assert result["trainable_parameters"] == result["total_parameters"]  # full fine-tuning plus the head
     assert 0.0 <= result["eval_pairwise_accuracy"] <= 1.0
 
 
-def test_reward_model_reloads_in_a_fresh_process_and_prefers_chosen(smoke_chain_run):
+PAIRS = [
+    {"prompt": f"{a}+{b}=?", "chosen": f"{a}+{b}={a + b}\nA: {a + b}", "rejected": "I do not know."}
+    for a, b in zip(range(10, 90, 2), range(90, 10, -2))
+]
+
+
+@pytest.fixture(scope="module")
+def easy_reward_run(smoke_chain_run, tmp_path_factory) -> Path:
+    """The reward stage on preset=smoke with pairs a smoke-sized model can learn in seconds (the
+    task's one-slip negatives need a trained model): user JSONL data through task=jsonl."""
+    root = tmp_path_factory.mktemp("reward-jsonl")
+    data = root / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in PAIRS))
+    run_cli(
+        "preset=smoke", "run.stages=[reward]", f"run.dir={root / 'run'}", "task=jsonl", f"task.splits.preference={data}",
+        f"stages.reward.init={smoke_chain_run / 'sft' / 'final'}", "stages.reward.eval_pairs=8",
+    )
+    return root / "run" / "reward"
+
+
+def test_reward_pairwise_loss_falls(easy_reward_run):
+    result = metrics(easy_reward_run)
+    assert EXPECTED_METRICS <= result.keys()
+    assert result["train_loss"] < result["train_loss_first"] - 0.3, result
+    assert result["eval_pairwise_accuracy"] >= 0.9 and result["eval_reward_margin"] > 0, result
+
+
+def test_reward_model_reloads_in_a_fresh_process_and_prefers_chosen(easy_reward_run):
     """Plain transformers, no project code: the checkpoint scores chosen above its rejected twin."""
-    pairs = build_task(compose_config(["preset=smoke"]).task).preference_pairs()[:8]
-    final = smoke_chain_run / "reward" / "final"
+    final = easy_reward_run / "final"
     out = python_in_fresh_process(f"""
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -52,11 +80,10 @@ def reward(prompt, answer):
     ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
     with torch.no_grad():
         return model(**ids).logits[0, 0].item()
-pairs = {pairs!r}
+pairs = {PAIRS[:8]!r}
 print(type(model).__name__, sum(reward(p["prompt"], p["chosen"]) > reward(p["prompt"], p["rejected"]) for p in pairs))
 """).split()
-    assert out[0] == "Qwen3MoeForSequenceClassification"
-    assert int(out[1]) >= 6, out  # of 8 training pairs (a chance-level model gets 4)
+    assert out == ["Qwen3MoeForSequenceClassification", "8"]
 
 
 def test_reward_refuses_prompt_learning_before_compute(smoke_chain_run, tmp_path):
