@@ -60,7 +60,7 @@ def smoke_pretrain_run(tmp_path_factory) -> Path:
 
 
 # every stage there is, in chain order; the chain test and the stage tests read this one run
-SMOKE_CHAIN = "run.stages=[pretrain,sft,reward,dpo,test_time]"
+SMOKE_CHAIN = "run.stages=[pretrain,sft,reward,dpo,grpo,test_time]"
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ def metrics(stage: Path) -> dict:
 
 def test_chain_runs_every_stage_in_one_command(smoke_chain_run):
     report = (smoke_chain_run / "report.md").read_text()
-    # test_time evaluates the newest policy (dpo's) and scores best-of-N with the run's reward model
-    inputs = {"pretrain": None, "sft": "pretrain", "reward": "sft", "dpo": "sft", "test_time": "dpo"}
+    # test_time evaluates the newest policy (grpo's) and scores best-of-N with the run's reward model
+    inputs = {"pretrain": None, "sft": "pretrain", "reward": "sft", "dpo": "sft", "grpo": "sft", "test_time": "grpo"}
     for stage, upstream in inputs.items():
         manifest = json.loads((smoke_chain_run / stage / "stage.json").read_text())
         assert manifest["status"] == "completed", (stage, manifest)
