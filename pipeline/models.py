@@ -13,6 +13,7 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pipeline import artifacts, distributed
+from pipeline.errors import ConfigError
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,11 +46,11 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
 
 
 def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = False):
-    """The tokenizer of a checkpoint a stage is about to train (sft, reward, dpo, grpo); ValueError
+    """The tokenizer of a checkpoint a stage is about to train (sft, reward, dpo, grpo); ConfigError
     naming the fix if it is an adapter (peft cannot train a saved prefix/prompt adapter further) or
     lacks a chat template."""
     if is_adapter_checkpoint(path):
-        raise ValueError(
+        raise ConfigError(
             f"the {stage} input {path} is a PEFT adapter, not a model; {stage} trains a plain checkpoint (peft "
             "loads saved prefix/prompt adapters for inference only). Start from the base inside a prefix/prompt "
             f"final/ (stages.{stage}.init={path / BASE_DIR}) or from a LoRA run's merged final/"
@@ -57,7 +58,7 @@ def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = Fals
     try:
         return load_chat_tokenizer(path, trust_remote_code)
     except ValueError as err:
-        raise ValueError(f"{stage} input: {err}") from err
+        raise ConfigError(f"{stage} input: {err}") from err
 
 
 def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel | PeftModel:

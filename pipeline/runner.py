@@ -29,15 +29,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import artifacts, distributed, preemption
+from pipeline.errors import ConfigError  # noqa: F401 (re-exported: stages import it from here)
 from pipeline.report import write_report
 from pipeline.tasks import Task, build_task
 
 # the canonical chain; the report lists stages in this order
 STAGE_ORDER = ["pretrain", "sft", "reward", "dpo", "grpo", "test_time"]
-
-
-class ConfigError(ValueError):
-    """Bad input, caught before any compute starts."""
 
 
 @dataclass

@@ -64,14 +64,8 @@ def validate(cfg, input_path: Path | None) -> None:
     if stage.eval_pairs < 1:
         raise ConfigError(f"stages.dpo.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the reward accuracy")
     if input_path is not None:
-        input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+        check_trainable_input(input_path, "dpo", bool(cfg.model.trust_remote_code))
 
-
-def input_tokenizer(path: Path, trust_remote_code: bool):
-    try:
-        return check_trainable_input(path, "dpo", trust_remote_code)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
 
 
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -> DPOConfig:
@@ -174,7 +168,7 @@ def run(ctx) -> dict[str, float]:
     if ctx.input_path is None:
         raise ConfigError("dpo needs an input checkpoint: set stages.dpo.input_stage or stages.dpo.init")
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
-    tokenizer = input_tokenizer(ctx.input_path, bool(ctx.cfg.model.trust_remote_code))
+    tokenizer = check_trainable_input(ctx.input_path, "dpo", bool(ctx.cfg.model.trust_remote_code))
     model = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code))
     peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, ctx.cfg.peft.method != "prefix")  # see router_aux_loss_coef below

@@ -68,7 +68,7 @@ def validate(cfg, input_path: Path | None) -> None:
     check_objective(cfg)
     check_rewards(cfg)
     if input_path is not None:
-        input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+        check_trainable_input(input_path, "grpo", bool(cfg.model.trust_remote_code))
 
 
 def check_objective(cfg) -> None:
@@ -161,12 +161,6 @@ def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     manifest = completed_manifest(run_dir, REWARD_STAGE)
     return f"reward:{manifest['config_hash']}" if manifest else None
 
-
-def input_tokenizer(path: Path, trust_remote_code: bool):
-    try:
-        return check_trainable_input(path, "grpo", trust_remote_code)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
 
 
 # --------------------------------------------------------------------------- rewards
@@ -472,7 +466,7 @@ def run(ctx) -> dict[str, float]:
         raise ConfigError("grpo needs an input checkpoint: set stages.grpo.input_stage or stages.grpo.init")
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
-    tokenizer = input_tokenizer(ctx.input_path, trust)
+    tokenizer = check_trainable_input(ctx.input_path, "grpo", trust)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     model = load_model(str(ctx.input_path.resolve()), trust)  # resolved: TRL reloads the reference from it
     set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss

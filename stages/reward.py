@@ -48,14 +48,8 @@ def validate(cfg, input_path: Path | None) -> None:
     if stage.eval_pairs < 1:
         raise ConfigError(f"stages.reward.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the pairwise accuracy")
     if input_path is not None:
-        input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+        check_trainable_input(input_path, "reward", bool(cfg.model.trust_remote_code))
 
-
-def input_tokenizer(path: Path, trust_remote_code: bool):
-    try:
-        return check_trainable_input(path, "reward", trust_remote_code)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
 
 
 def pairwise_scores(model, tokenizer, pairs: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +66,7 @@ def run(ctx) -> dict[str, float]:
         raise ConfigError("reward needs an input checkpoint: set stages.reward.input_stage or stages.reward.init")
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
-    tokenizer = input_tokenizer(ctx.input_path, trust)
+    tokenizer = check_trainable_input(ctx.input_path, "reward", trust)
     # the score head is new: seeded by RewardTrainer (set_seed(args.seed)) only for string models
     torch.manual_seed(ctx.cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(

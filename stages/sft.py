@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
@@ -56,14 +55,8 @@ def validate(cfg, input_path: Path | None) -> None:
             "of packed rows; set stages.sft.packing=false"
         )
     if input_path is not None:
-        input_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+        check_trainable_input(input_path, "sft", bool(cfg.model.trust_remote_code))
 
-
-def input_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    try:
-        return check_trainable_input(path, "sft", trust_remote_code)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
 
 
 def tokenize_chat(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
@@ -159,7 +152,7 @@ def run(ctx) -> dict[str, float]:
         raise ConfigError("sft needs an input checkpoint: set stages.sft.input_stage or stages.sft.init")
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
-    tokenizer = input_tokenizer(ctx.input_path, trust)
+    tokenizer = check_trainable_input(ctx.input_path, "sft", trust)
     model = load_model(str(ctx.input_path.resolve()), trust)  # resolved: the adapter records its base
     peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, True)
