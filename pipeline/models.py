@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -140,6 +141,57 @@ def set_router_aux_loss(model: torch.nn.Module, enabled: bool) -> None:
     config = getattr(model, "config", None)
     if hasattr(config, "router_aux_loss_coef"):
         config.output_router_logits = enabled
+
+
+LAST_LAYER = "{last}"  # in a train_only pattern: the index of the model's last decoder layer
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def check_trainable_scope(stage_cfg, stage: str, peft_method: str) -> None:
+    """Config errors of a stage's `freeze` / `train_only` regexes, before any compute."""
+    for field in ("freeze", "train_only"):
+        patterns = list(stage_cfg.get(field) or [])
+        if patterns and peft_method != "none":
+            raise ConfigError(f"stages.{stage}.{field} applies to full fine-tuning; with peft={peft_method} choose "
+                              "peft.target_modules / peft.target_parameters instead")
+        for pattern in patterns:
+            try:
+                re.compile(str(pattern).replace(LAST_LAYER, "0"))
+            except re.error as err:
+                raise ConfigError(f"stages.{stage}.{field}: {pattern!r} is not a regular expression: {err}") from err
+
+
+def restrict_trainable(model: torch.nn.Module, stage_cfg, stage: str) -> int:
+    """Full fine-tuning of a subset: with `train_only` only the parameters whose names match one
+    of its regexes train ("{last}" stands for the last decoder layer's index); parameters matching
+    a `freeze` regex stay frozen. Returns how many parameter tensors were frozen; a pattern list
+    that selects nothing is a ConfigError."""
+    names = [name for name, _ in model.named_parameters()]
+    frozen: set[str] = set()
+    train_only = [str(p) for p in stage_cfg.get("train_only") or []]
+    if train_only:
+        layers = [int(m.group(1)) for m in map(_LAYER_INDEX.search, names) if m]
+        if any(LAST_LAYER in p for p in train_only) and not layers:
+            raise ConfigError(f"stages.{stage}.train_only uses {LAST_LAYER}, but {type(model).__name__} has no "
+                              "'.layers.<i>.' parameters")
+        last = str(max(layers)) if layers else ""
+        regexes = [re.compile(p.replace(LAST_LAYER, last)) for p in train_only]
+        keep = {n for n in names if any(r.search(n) for r in regexes)}
+        if not keep:
+            raise ConfigError(f"stages.{stage}.train_only={train_only} matches no parameter of {type(model).__name__}; "
+                              f"set stages.{stage}.train_only=[] to train every parameter")
+        frozen |= set(names) - keep
+    freeze = [str(p) for p in stage_cfg.get("freeze") or []]
+    if freeze:
+        regexes = [re.compile(p) for p in freeze]
+        matched = {n for n in names if any(r.search(n) for r in regexes)}
+        if not matched:
+            raise ConfigError(f"stages.{stage}.freeze={freeze} matches no parameter of {type(model).__name__}")
+        frozen |= matched
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return len(frozen)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -25,7 +25,10 @@ from trl import DPOConfig, DPOTrainer
 from pipeline import distributed, preemption
 from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate_policy, generate, render_prompts
-from pipeline.models import check_trainable_input, count_parameters, load_model, save_policy, set_router_aux_loss
+from pipeline.models import (
+    check_trainable_input, check_trainable_scope, count_parameters, load_model, restrict_trainable, save_policy,
+    set_router_aux_loss,
+)
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.runner import ConfigError, log
@@ -63,6 +66,7 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError(f"stages.dpo.samples_per_prompt={stage.samples_per_prompt}: on-policy pairs need at least 2 samples per prompt")
     if stage.eval_pairs < 1:
         raise ConfigError(f"stages.dpo.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the reward accuracy")
+    check_trainable_scope(stage, "dpo", peft_cfg.method)
     if input_path is not None:
         check_trainable_input(input_path, "dpo", bool(cfg.model.trust_remote_code))
 
@@ -170,6 +174,7 @@ def run(ctx) -> dict[str, float]:
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     tokenizer = check_trainable_input(ctx.input_path, "dpo", bool(ctx.cfg.model.trust_remote_code))
     model = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code))
+    restrict_trainable(model, ctx.stage_cfg, "dpo")
     peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, ctx.cfg.peft.method != "prefix")  # see router_aux_loss_coef below
     train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))

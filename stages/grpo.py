@@ -34,7 +34,8 @@ from pipeline import artifacts, distributed, preemption
 from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate, evaluate_policy
 from pipeline.models import (
-    check_trainable_input, count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
+    check_trainable_input, check_trainable_scope, count_parameters, load_model, restrict_trainable, router_logits_off,
+    save_policy, set_router_aux_loss,
 )
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import plot_curves
@@ -103,14 +104,7 @@ def check_objective(cfg) -> None:
         raise ConfigError("stages.grpo.eval_every and stages.grpo.curve_problems must be >= 1")
     if not 0.0 <= stage.scaling_warmup_fraction < 1.0:
         raise ConfigError(f"stages.grpo.scaling_warmup_fraction={stage.scaling_warmup_fraction} must be in [0, 1)")
-    if stage.freeze and cfg.peft.method != "none":
-        raise ConfigError("stages.grpo.freeze applies to full fine-tuning; with peft=lora choose peft.target_modules / "
-                          "peft.target_parameters instead")
-    for pattern in stage.freeze:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ConfigError(f"stages.grpo.freeze: {pattern!r} is not a regular expression: {err}") from err
+    check_trainable_scope(stage, "grpo", cfg.peft.method)
     if stage.use_vllm and not torch.cuda.is_available():
         raise ConfigError("stages.grpo.use_vllm=true needs a GPU (and the vllm package); set stages.grpo.use_vllm=false")
 
@@ -441,21 +435,6 @@ def build_trainer(model, tokenizer, train_data: Dataset, args: GRPOConfig, rewar
     return trainer
 
 
-def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> int:
-    """Freeze every parameter whose name matches one of the regular expressions; returns how many."""
-    if not patterns:
-        return 0
-    regexes = [re.compile(p) for p in patterns]
-    frozen = 0
-    for name, param in model.named_parameters():
-        if any(r.search(name) for r in regexes):
-            param.requires_grad_(False)
-            frozen += 1
-    if not frozen:
-        raise ConfigError(f"stages.grpo.freeze={patterns} matches no parameter of {type(model).__name__}")
-    return frozen
-
-
 def logged(log_history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(e["step"], e[key]) for e in log_history if e.get(key) is not None]
 
@@ -470,7 +449,7 @@ def run(ctx) -> dict[str, float]:
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
     model = load_model(str(ctx.input_path.resolve()), trust)  # resolved: TRL reloads the reference from it
     set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
-    freeze_parameters(model, list(cfg.freeze))
+    restrict_trainable(model, cfg, "grpo")
     peft_config = build_peft_config(ctx.cfg.peft, model)
     rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust)
     args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1])

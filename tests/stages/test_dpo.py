@@ -91,6 +91,8 @@ def test_loss_types_match_the_installed_trl():
         (["stages.dpo.eval_pairs=0"], "hold out at least 1 pair"),
         (["stages.dpo.pairs=mine"], "stages.dpo.pairs='mine' is unknown"),
         (["stages.dpo.pairs=on_policy", "stages.dpo.samples_per_prompt=1"], "at least 2 samples per prompt"),
+        (["peft=lora", "stages.dpo.train_only=[experts]"], "stages.dpo.train_only applies to full fine-tuning"),
+        (["stages.dpo.freeze=['(attn']"], "stages.dpo.freeze: '(attn' is not a regular expression"),
     ],
 )
 def test_bad_dpo_config_is_refused(overrides, message):

@@ -72,6 +72,8 @@ def test_reward_model_checkpoint_is_accepted_and_fingerprinted(tmp_path):
         (["stages.grpo.use_vllm=true"], r"use_vllm=true needs a GPU"),
         (["peft=lora", "stages.grpo.freeze=[self_attn]"], r"freeze applies to full fine-tuning; with peft=lora choose"),
         (["stages.grpo.freeze=['(attn']"], r"freeze: '\(attn' is not a regular expression"),
+        (["peft=lora", "stages.grpo.train_only=[experts]"], r"train_only applies to full fine-tuning; with peft=lora"),
+        (["stages.grpo.train_only=['layers\\.{last}\\.(']"], r"train_only: .* is not a regular expression"),
     ],
 )
 def test_bad_config_fails_before_compute_naming_the_field(tmp_path, overrides, message):

@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models import build_model
+from omegaconf import OmegaConf
+
+from pipeline.models import build_model, restrict_trainable
 from pipeline.tasks import build_task
 from pipeline.tokenizer import train_tokenizer
 from pipeline.runner import ConfigError
 from stages.grpo import (
-    StageGRPOTrainer, build_dataset, format_reward, freeze_parameters, training_args, verifier_reward,
+    StageGRPOTrainer, build_dataset, format_reward, training_args, verifier_reward,
     zero_variance_weights,
 )
 from tests.conftest import compose_config
@@ -150,14 +152,26 @@ def test_zero_variance_groups_are_filtered_or_downweighted(tiny_policy, tmp_path
     assert out["num_items_in_batch"].item() == pytest.approx((lengths * expected).sum().item())
 
 
-def test_freeze_keeps_matching_parameters_frozen(tiny_policy):
+def test_freeze_and_train_only_select_the_trained_parameters(tiny_policy):
     _, _, tokenizer, model = tiny_policy
     cfg = compose_config(["preset=smoke"])
-    fresh = build_model(cfg.model, tokenizer)
-    assert freeze_parameters(fresh, []) == 0 and all(p.requires_grad for p in fresh.parameters())
-    frozen = freeze_parameters(fresh, [r"self_attn\.(q|k|v|o)_proj"])
+
+    def scoped(**fields):
+        fresh = build_model(cfg.model, tokenizer)
+        return fresh, restrict_trainable(fresh, OmegaConf.create({"freeze": [], "train_only": [], **fields}), "grpo")
+
+    fresh, frozen = scoped()
+    assert frozen == 0 and all(p.requires_grad for p in fresh.parameters())
+    fresh, frozen = scoped(freeze=[r"self_attn\.(q|k|v|o)_proj"])
     assert frozen == 4 * 4  # 4 layers x q, k, v, o
     for name, param in fresh.named_parameters():
         assert param.requires_grad == ("self_attn" not in name or "norm" in name), name
+    # {last} is the last decoder layer: only its experts and the final norm train
+    fresh, frozen = scoped(train_only=[r"layers\.{last}\.mlp\.experts\.", r"^model\.norm\."])
+    trained = sorted(n for n, p in fresh.named_parameters() if p.requires_grad)
+    assert trained == ["model.layers.3.mlp.experts.down_proj", "model.layers.3.mlp.experts.gate_up_proj", "model.norm.weight"]
+    assert frozen == len(list(fresh.parameters())) - 3
     with pytest.raises(ConfigError, match=r"freeze=\['nothing_like_this'\] matches no parameter"):
-        freeze_parameters(fresh, ["nothing_like_this"])
+        scoped(freeze=["nothing_like_this"])
+    with pytest.raises(ConfigError, match=r"train_only=\['nothing_like_this'\] matches no parameter"):
+        scoped(train_only=["nothing_like_this"])
