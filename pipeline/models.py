@@ -164,30 +164,30 @@ def check_trainable_scope(stage_cfg, stage: str, peft_method: str) -> None:
 def restrict_trainable(model: torch.nn.Module, stage_cfg, stage: str) -> int:
     """Full fine-tuning of a subset: with `train_only` only the parameters whose names match one
     of its regexes train ("{last}" stands for the last decoder layer's index); parameters matching
-    a `freeze` regex stay frozen. Returns how many parameter tensors were frozen; a pattern list
-    that selects nothing is a ConfigError."""
+    a `freeze` regex stay frozen. Returns how many parameter tensors were frozen; a pattern that
+    matches no parameter is a ConfigError (on a dense model an experts pattern would otherwise
+    leave only the rest of the list training)."""
     names = [name for name, _ in model.named_parameters()]
-    frozen: set[str] = set()
-    train_only = [str(p) for p in stage_cfg.get("train_only") or []]
-    if train_only:
-        layers = [int(m.group(1)) for m in map(_LAYER_INDEX.search, names) if m]
-        if any(LAST_LAYER in p for p in train_only) and not layers:
-            raise ConfigError(f"stages.{stage}.train_only uses {LAST_LAYER}, but {type(model).__name__} has no "
-                              "'.layers.<i>.' parameters")
-        last = str(max(layers)) if layers else ""
-        regexes = [re.compile(p.replace(LAST_LAYER, last)) for p in train_only]
-        keep = {n for n in names if any(r.search(n) for r in regexes)}
-        if not keep:
-            raise ConfigError(f"stages.{stage}.train_only={train_only} matches no parameter of {type(model).__name__}; "
-                              f"set stages.{stage}.train_only=[] to train every parameter")
-        frozen |= set(names) - keep
-    freeze = [str(p) for p in stage_cfg.get("freeze") or []]
-    if freeze:
-        regexes = [re.compile(p) for p in freeze]
-        matched = {n for n in names if any(r.search(n) for r in regexes)}
-        if not matched:
-            raise ConfigError(f"stages.{stage}.freeze={freeze} matches no parameter of {type(model).__name__}")
-        frozen |= matched
+    layers = [int(m.group(1)) for m in map(_LAYER_INDEX.search, names) if m]
+    last = str(max(layers)) if layers else None
+
+    def matching(field: str) -> set[str]:
+        """The parameter names one of the field's patterns matches; each pattern must match one."""
+        selected: set[str] = set()
+        for pattern in (str(p) for p in stage_cfg.get(field) or []):
+            if LAST_LAYER in pattern and last is None:
+                raise ConfigError(f"stages.{stage}.{field}: {pattern!r} uses {LAST_LAYER}, but {type(model).__name__} "
+                                  "has no '.layers.<i>.' parameters")
+            regex = re.compile(pattern.replace(LAST_LAYER, last or ""))
+            hits = {n for n in names if regex.search(n)}
+            if not hits:
+                raise ConfigError(f"stages.{stage}.{field}: {pattern!r} matches no parameter of {type(model).__name__}; "
+                                  f"fix it or set stages.{stage}.{field}=[]")
+            selected |= hits
+        return selected
+
+    keep = matching("train_only")
+    frozen = (set(names) - keep if keep else set()) | matching("freeze")
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)

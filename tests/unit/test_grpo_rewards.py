@@ -154,10 +154,9 @@ def test_zero_variance_groups_are_filtered_or_downweighted(tiny_policy, tmp_path
 
 def test_freeze_and_train_only_select_the_trained_parameters(tiny_policy):
     _, _, tokenizer, model = tiny_policy
-    cfg = compose_config(["preset=smoke"])
 
-    def scoped(**fields):
-        fresh = build_model(cfg.model, tokenizer)
+    def scoped(model_name: str = "tiny_moe", **fields):
+        fresh = build_model(compose_config(["preset=smoke", f"model={model_name}"]).model, tokenizer)
         return fresh, restrict_trainable(fresh, OmegaConf.create({"freeze": [], "train_only": [], **fields}), "grpo")
 
     fresh, frozen = scoped()
@@ -167,11 +166,13 @@ def test_freeze_and_train_only_select_the_trained_parameters(tiny_policy):
     for name, param in fresh.named_parameters():
         assert param.requires_grad == ("self_attn" not in name or "norm" in name), name
     # {last} is the last decoder layer: only its experts and the final norm train
-    fresh, frozen = scoped(train_only=[r"layers\.{last}\.mlp\.experts\.", r"^model\.norm\."])
+    demo_scope = [r"layers\.{last}\.mlp\.experts\.", r"^model\.norm\."]
+    fresh, frozen = scoped(train_only=demo_scope)
     trained = sorted(n for n, p in fresh.named_parameters() if p.requires_grad)
     assert trained == ["model.layers.3.mlp.experts.down_proj", "model.layers.3.mlp.experts.gate_up_proj", "model.norm.weight"]
     assert frozen == len(list(fresh.parameters())) - 3
-    with pytest.raises(ConfigError, match=r"freeze=\['nothing_like_this'\] matches no parameter"):
+    with pytest.raises(ConfigError, match=r"freeze: 'nothing_like_this' matches no parameter"):
         scoped(freeze=["nothing_like_this"])
-    with pytest.raises(ConfigError, match=r"train_only=\['nothing_like_this'\] matches no parameter"):
-        scoped(train_only=["nothing_like_this"])
+    # every pattern must match: on a dense model the demo scope is an error, not "train the norm only"
+    with pytest.raises(ConfigError, match=r"train_only: .*experts.* matches no parameter of Qwen3ForCausalLM.*train_only=\[\]"):
+        scoped("tiny_dense", train_only=demo_scope)
