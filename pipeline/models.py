@@ -147,18 +147,40 @@ LAST_LAYER = "{last}"  # in a train_only pattern: the index of the model's last 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-def check_trainable_scope(stage_cfg, stage: str, peft_method: str) -> None:
-    """Config errors of a stage's `freeze` / `train_only` regexes, before any compute."""
-    for field in ("freeze", "train_only"):
-        patterns = list(stage_cfg.get(field) or [])
-        if patterns and peft_method != "none":
+def check_trainable_scope(cfg, stage: str, input_path: Path | None) -> None:
+    """Config errors of a stage's `freeze` / `train_only` regexes, before any compute: bad
+    regexes, peft combinations, and patterns the input model's parameter names (read from its
+    config on the meta device, no weights) cannot match."""
+    stage_cfg, peft_method = cfg.stages[stage], cfg.peft.method
+    fields = [f for f in ("freeze", "train_only") if stage_cfg.get(f)]
+    for field in fields:
+        if peft_method != "none":
             raise ConfigError(f"stages.{stage}.{field} applies to full fine-tuning; with peft={peft_method} choose "
                               "peft.target_modules / peft.target_parameters instead")
-        for pattern in patterns:
+        for pattern in stage_cfg[field]:
             try:
                 re.compile(str(pattern).replace(LAST_LAYER, "0"))
             except re.error as err:
                 raise ConfigError(f"stages.{stage}.{field}: {pattern!r} is not a regular expression: {err}") from err
+    skeleton = model_skeleton(cfg.model, input_path) if fields else None
+    if skeleton is not None:
+        restrict_trainable(skeleton, stage_cfg, stage)
+
+
+def model_skeleton(model_cfg, input_path: Path | None) -> PreTrainedModel | None:
+    """The input model's architecture on the meta device (parameter names, no memory): from the
+    input checkpoint's config, else from the model group; None when neither says."""
+    trust = bool(model_cfg.get("trust_remote_code", False))
+    if input_path is not None and (Path(input_path) / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(input_path), trust_remote_code=trust)
+    elif model_cfg.get("path"):
+        config = AutoConfig.from_pretrained(str(model_cfg.path), trust_remote_code=trust)
+    elif model_cfg.get("arch"):
+        config = AutoConfig.for_model(model_cfg.arch, **OmegaConf.to_container(model_cfg.config, resolve=True))
+    else:
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
 
 
 def restrict_trainable(model: torch.nn.Module, stage_cfg, stage: str) -> int:

@@ -68,6 +68,7 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError(str(err)) from err
     check_objective(cfg)
     check_rewards(cfg)
+    check_trainable_scope(cfg, "grpo", input_path)
     if input_path is not None:
         check_trainable_input(input_path, "grpo", bool(cfg.model.trust_remote_code))
 
@@ -104,7 +105,6 @@ def check_objective(cfg) -> None:
         raise ConfigError("stages.grpo.eval_every and stages.grpo.curve_problems must be >= 1")
     if not 0.0 <= stage.scaling_warmup_fraction < 1.0:
         raise ConfigError(f"stages.grpo.scaling_warmup_fraction={stage.scaling_warmup_fraction} must be in [0, 1)")
-    check_trainable_scope(stage, "grpo", cfg.peft.method)
     if stage.use_vllm and not torch.cuda.is_available():
         raise ConfigError("stages.grpo.use_vllm=true needs a GPU (and the vllm package); set stages.grpo.use_vllm=false")
 

@@ -74,6 +74,9 @@ def test_reward_model_checkpoint_is_accepted_and_fingerprinted(tmp_path):
         (["stages.grpo.freeze=['(attn']"], r"freeze: '\(attn' is not a regular expression"),
         (["peft=lora", "stages.grpo.train_only=[experts]"], r"train_only applies to full fine-tuning; with peft=lora"),
         (["stages.grpo.train_only=['layers\\.{last}\\.(']"], r"train_only: .* is not a regular expression"),
+        # the demo's experts scope on a dense model: refused from the config alone, before pretrain runs
+        (["model=tiny_dense", "stages.grpo.train_only=['layers\\.{last}\\.mlp\\.experts\\.']"],
+         r"train_only: .*experts.* matches no parameter of Qwen3ForCausalLM; fix it or set stages.grpo.train_only=\[\]"),
     ],
 )
 def test_bad_config_fails_before_compute_naming_the_field(tmp_path, overrides, message):
