@@ -66,9 +66,9 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError(f"stages.dpo.samples_per_prompt={stage.samples_per_prompt}: on-policy pairs need at least 2 samples per prompt")
     if stage.eval_pairs < 1:
         raise ConfigError(f"stages.dpo.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the reward accuracy")
-    check_trainable_scope(cfg, "dpo", input_path)
     if input_path is not None:
         check_trainable_input(input_path, "dpo", bool(cfg.model.trust_remote_code))
+    check_trainable_scope(cfg, "dpo", input_path)
 
 
 

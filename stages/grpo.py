@@ -68,9 +68,9 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError(str(err)) from err
     check_objective(cfg)
     check_rewards(cfg)
-    check_trainable_scope(cfg, "grpo", input_path)
     if input_path is not None:
         check_trainable_input(input_path, "grpo", bool(cfg.model.trust_remote_code))
+    check_trainable_scope(cfg, "grpo", input_path)
 
 
 def check_objective(cfg) -> None:
