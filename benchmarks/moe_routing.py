@@ -4,7 +4,7 @@ weight (eps per weight, the size of one early Adam step at lr=eps).
 
     python benchmarks/moe_routing.py --init /path/to/sft/final [--examples 64] [--eps 1e-5,1e-4,1e-3]
 
-Measured on the task's SFT examples in the checkpoint's chat template (README "MoE and RL").
+Measured on the task's SFT examples in the checkpoint's chat template (README "Why the demo trains only the last block").
 """
 
 from __future__ import annotations
