@@ -164,6 +164,7 @@ def implicit_rewards(trainer: DPOTrainer, pairs, prefix: str) -> dict[str, float
     return {
         f"{prefix}_reward_accuracy": metrics["eval_rewards/accuracies"],
         f"{prefix}_reward_margin": metrics["eval_rewards/margins"],
+        f"{prefix}_loss": metrics["eval_loss"],
     }
 
 
@@ -204,6 +205,7 @@ def run(ctx) -> dict[str, float]:
         **accuracy,
         **after,
         "train_probe_reward_margin_before": before["train_probe_before_reward_margin"],
+        "train_probe_loss_before": before["train_probe_before_loss"],
         "train_reward_accuracy": last_train.get("rewards/accuracies", float("nan")),
         "train_reward_margin": last_train.get("rewards/margins", float("nan")),
         "train_loss": last_loss,

@@ -21,6 +21,7 @@ from tests.conftest import compose_config
 EXPECTED_METRICS = {
     "eval_accuracy", "eval_accuracy_sampled", "eval_reward_accuracy", "eval_reward_margin",
     "train_reward_accuracy", "train_reward_margin", "train_probe_reward_margin", "train_probe_reward_margin_before",
+    "train_probe_loss", "train_probe_loss_before",
 }
 
 
@@ -29,8 +30,10 @@ def test_implicit_reward_margin_on_training_pairs_increases(smoke_chain_run):
     assert EXPECTED_METRICS <= result.keys()
     # before training the policy is its reference: every implicit reward is zero
     assert abs(result["train_probe_reward_margin_before"]) < 1e-4, result
-    assert result["train_probe_reward_margin"] > 0.01, result
-    assert result["train_loss"] < result["train_loss_first"], result
+    # one evaluation pass over the same fixed training pairs before and after, not the logged
+    # batch losses (8 pairs each, too noisy to compare)
+    assert result["train_probe_reward_margin"] > 0.1, result
+    assert result["train_probe_loss"] < result["train_probe_loss_before"] - 0.01, result
 
 
 def trainable_split(model) -> tuple[dict, dict]:
