@@ -122,13 +122,23 @@ def on_policy_pairs(model, tokenizer, task, stage_cfg, seed: int) -> list[dict]:
     return pairs
 
 
+def end_of_turn(tokenizer) -> str:
+    """What the chat template writes after an assistant message (e.g. "<|im_end|>\n")."""
+    marker = "\x00END\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    return text[text.rindex(marker) + len(marker):]
+
+
 def first_step_pairs(pairs: list[dict], tokenizer) -> list[dict]:
     """Step-level pairs (as in Step-DPO): the shared opening lines of chosen and rejected move
     into the prompt, and the two completions are the first line where they part. Everything
     after the slip is left out: in the rejected answer it is mostly sound work on a wrong number,
     which full-answer DPO would push down as well. Plain-text rows: the prompt is the chat
-    rendering plus the shared lines."""
-    rows = []
+    rendering plus the shared lines; a completion that ends the answer ends with the template's
+    end of turn, one cut after a line does not (see drop_appended_eos)."""
+    rows, end = [], end_of_turn(tokenizer)
     for pair in pairs:
         good, bad = pair["chosen"].split("\n"), pair["rejected"].split("\n")
         prompt = tokenizer.apply_chat_template(
@@ -136,14 +146,25 @@ def first_step_pairs(pairs: list[dict], tokenizer) -> list[dict]:
         )
         k = next((i for i, (g, b) in enumerate(zip(good, bad)) if g != b), None)
         if k is None:  # one answer is the other cut short: no single line parts them, keep both whole
-            rows.append({"prompt": prompt, "chosen": pair["chosen"], "rejected": pair["rejected"]})
+            rows.append({"prompt": prompt, "chosen": pair["chosen"] + end, "rejected": pair["rejected"] + end})
             continue
 
         def step(lines: list[str]) -> str:
-            return lines[k] + "\n" if k < len(lines) - 1 else lines[k]
+            return lines[k] + "\n" if k < len(lines) - 1 else lines[k] + end
 
         rows.append({"prompt": prompt + "".join(line + "\n" for line in good[:k]), "chosen": step(good), "rejected": step(bad)})
     return rows
+
+
+def drop_appended_eos(dataset: Dataset, eos_token_id: int) -> Dataset:
+    """TRL appends the EOS token to every plain-text completion. A step-level completion is the
+    middle of an answer, so that token would teach the policy to stop after the line it
+    prefers (with an NLL term on chosen, the demo policy learnt to answer one line and stop);
+    remove it from the tokenized rows. Completions that end the answer keep their end of turn."""
+    def strip(row: dict) -> dict:
+        return {key: row[key][:-1] if row[key] and row[key][-1] == eos_token_id else row[key] for key in ("chosen_ids", "rejected_ids")}
+
+    return dataset.map(strip)
 
 
 def build_trainer(model, tokenizer, train_data, eval_data, args: DPOConfig, peft_config, optim_cfg) -> DPOTrainer:
@@ -189,6 +210,8 @@ def run(ctx) -> dict[str, float]:
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
     args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.cfg.optim)
+    if cfg.pairs == "on_policy" and cfg.step_level:
+        trainer.train_dataset = drop_appended_eos(trainer.train_dataset, tokenizer.eos_token_id)
     before = implicit_rewards(trainer, train_probe, "train_probe_before")
     train_output = preemption.train(trainer, ctx)
     after = {**implicit_rewards(trainer, train_probe, "train_probe"), **implicit_rewards(trainer, eval_data, "eval")}

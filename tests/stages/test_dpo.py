@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from datasets import Dataset
 from trl import DPOTrainer
 
 from pipeline.adapters import build_peft_config
@@ -138,6 +139,8 @@ def test_on_policy_pairs_put_verified_answers_over_wrong_ones(monkeypatch):
 def test_step_level_pairs_stop_at_the_first_line_that_parts_them():
     tokenizer = train_tokenizer(["Q: 12+34-5=?\n12+34=46\n46-5=41\nA: 41\n"] * 20, 300)
     head = tokenizer.apply_chat_template([{"role": "user", "content": "12+34-5=?"}], tokenize=False, add_generation_prompt=True)
+    END = dpo.end_of_turn(tokenizer)
+    assert END == "<|im_end|>\n"
     pairs = [
         {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=46\n46-5=40\nA: 40"},
         {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=47\n47-5=42\nA: 42"},
@@ -147,7 +150,30 @@ def test_step_level_pairs_stop_at_the_first_line_that_parts_them():
     assert dpo.first_step_pairs(pairs, tokenizer) == [
         {"prompt": head + "12+34=46\n", "chosen": "46-5=41\n", "rejected": "46-5=40\n"},
         {"prompt": head, "chosen": "12+34=46\n", "rejected": "12+34=47\n"},
-        {"prompt": head + "12+34=46\n46-5=41\n", "chosen": "A: 41", "rejected": "A: 4"},
+        # the last line ends the answer: the template's end of turn follows it
+        {"prompt": head + "12+34=46\n46-5=41\n", "chosen": "A: 41" + END, "rejected": "A: 4" + END},
         # cut short (no line parts them): both whole
-        {"prompt": head, "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=46\n46-5=41"},
+        {"prompt": head, "chosen": "12+34=46\n46-5=41\nA: 41" + END, "rejected": "12+34=46\n46-5=41" + END},
     ]
+
+
+def test_step_level_rows_reach_the_trainer_without_a_stop_token_after_the_line(smoke_chain_run, tmp_path):
+    """TRL appends EOS to plain-text completions; after a middle line it would teach the policy
+    to stop there, so the stage removes it (and only it) from the tokenized rows."""
+    sft_final = smoke_chain_run / "sft" / "final"
+    cfg = compose_config(["preset=smoke", "stages.dpo.max_steps=1"])
+    tokenizer = check_trainable_input(sft_final, "dpo")
+    pairs = [
+        {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=47\n47-5=42\nA: 42"},
+        {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=46\n46-5=41\nA: 4"},
+    ]
+    rows = Dataset.from_list(dpo.first_step_pairs(pairs, tokenizer))
+    args = dpo.training_args(cfg.stages.dpo, cfg.optim, cfg.peft, tmp_path, seed=0)
+    trainer = dpo.build_trainer(load_model(str(sft_final)), tokenizer, rows, rows, args, None, cfg.optim)
+    eos = tokenizer.eos_token_id
+    assert all(row["chosen_ids"][-1] == eos and row["rejected_ids"][-1] == eos for row in trainer.train_dataset)
+    stripped = dpo.drop_appended_eos(trainer.train_dataset, eos)
+    chosen = [tokenizer.decode(row["chosen_ids"]) for row in stripped]
+    rejected = [tokenizer.decode(row["rejected_ids"]) for row in stripped]
+    assert chosen == ["12+34=46\n", "A: 41<|im_end|>\n"] and rejected == ["12+34=47\n", "A: 4<|im_end|>\n"]
+    assert stripped["prompt_ids"] == trainer.train_dataset["prompt_ids"]
