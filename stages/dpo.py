@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
+from trl.data_utils import is_conversational
 
 from pipeline import distributed, preemption
 from pipeline.adapters import build_peft_config, check_peft_config
@@ -168,13 +169,16 @@ def drop_appended_eos(dataset: Dataset, eos_token_id: int) -> Dataset:
 
 
 def build_trainer(model, tokenizer, train_data, eval_data, args: DPOConfig, peft_config, optim_cfg) -> DPOTrainer:
-    """TRL's DPOTrainer with the reference left to TRL (a frozen copy, or the adapter disabled)."""
+    """TRL's DPOTrainer with the reference left to TRL (a frozen copy, or the adapter disabled).
+    Plain-text training rows lose the EOS token TRL appends to them (drop_appended_eos)."""
     trainer = DPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=train_data, eval_dataset=eval_data,
         processing_class=tokenizer, peft_config=peft_config,
     )
     # trl 1.16's DPOTrainer has no constructor argument for it; the Trainer reads the attribute
     trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(optim_cfg, args.learning_rate)
+    if not is_conversational(train_data[0]):  # step-level rows, see first_step_pairs
+        trainer.train_dataset = drop_appended_eos(trainer.train_dataset, tokenizer.eos_token_id)
     return trainer
 
 
@@ -210,8 +214,6 @@ def run(ctx) -> dict[str, float]:
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
     args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.cfg.optim)
-    if cfg.pairs == "on_policy" and cfg.step_level:
-        trainer.train_dataset = drop_appended_eos(trainer.train_dataset, tokenizer.eos_token_id)
     before = implicit_rewards(trainer, train_probe, "train_probe_before")
     train_output = preemption.train(trainer, ctx)
     after = {**implicit_rewards(trainer, train_probe, "train_probe"), **implicit_rewards(trainer, eval_data, "eval")}

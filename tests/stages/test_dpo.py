@@ -170,10 +170,11 @@ def test_step_level_rows_reach_the_trainer_without_a_stop_token_after_the_line(s
     rows = Dataset.from_list(dpo.first_step_pairs(pairs, tokenizer))
     args = dpo.training_args(cfg.stages.dpo, cfg.optim, cfg.peft, tmp_path, seed=0)
     trainer = dpo.build_trainer(load_model(str(sft_final)), tokenizer, rows, rows, args, None, cfg.optim)
-    eos = tokenizer.eos_token_id
-    assert all(row["chosen_ids"][-1] == eos and row["rejected_ids"][-1] == eos for row in trainer.train_dataset)
-    stripped = dpo.drop_appended_eos(trainer.train_dataset, eos)
-    chosen = [tokenizer.decode(row["chosen_ids"]) for row in stripped]
-    rejected = [tokenizer.decode(row["rejected_ids"]) for row in stripped]
+    chosen = [tokenizer.decode(row["chosen_ids"]) for row in trainer.train_dataset]
+    rejected = [tokenizer.decode(row["rejected_ids"]) for row in trainer.train_dataset]
+    # no "<|endoftext|>" after the cut line; the last line keeps the template's end of turn
     assert chosen == ["12+34=46\n", "A: 41<|im_end|>\n"] and rejected == ["12+34=47\n", "A: 4<|im_end|>\n"]
-    assert stripped["prompt_ids"] == trainer.train_dataset["prompt_ids"]
+    # conversational rows are left as TRL made them
+    conversational, _ = conversational_pairs(pairs, 0)
+    whole = dpo.build_trainer(load_model(str(sft_final)), tokenizer, conversational, rows, args, None, cfg.optim)
+    assert tokenizer.decode(whole.train_dataset[0]["chosen_ids"]) == "12+34=46\n46-5=41\nA: 41<|im_end|>\n"
