@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
 
 from pipeline import artifacts, distributed, preemption
 from pipeline.errors import ConfigError  # noqa: F401 (re-exported: stages import it from here)
@@ -253,6 +254,9 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
 
     ctx = StageContext(plan.name, cfg, cfg.stages[plan.name], run_dir, stage_dir, plan.input_path, checkpoint, task)
     start = time.perf_counter()
+    # Every stage starts from the run's seed: a model built from config (pretrain), a new head
+    # (reward) and data order then depend on `seed` alone, so a rerun reproduces its numbers.
+    set_seed(int(cfg.seed))
     try:
         metrics = plan.module.run(ctx)
     except BaseException as err:
