@@ -86,6 +86,10 @@ def main() -> None:
         ("final KL to the reference", f"{after.get('kl', float('nan')):.4f}"),
         ("frac of groups with zero reward variance (mean)", f"{after.get('frac_reward_zero_std', float('nan')):.2f}"),
     ]
+    if "filter_kept_prompts" in after:
+        rows.append(("prompt filter: kept / RL prompts (input policy's mean pass rate, s)",
+                     f"{after['filter_kept_prompts']:.0f} / {after['filter_prompts']:.0f} "
+                     f"({after['filter_pass_rate_mean']:.3f}, {after['filter_seconds']:.0f} s)"))
     if after.get("scaling_fit_ok"):
         rows += [
             ("scaling fit A (asymptote)", f"{after['scaling_A']:.3f}"),

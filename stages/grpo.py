@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from accelerate.utils import gather
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from pipeline import artifacts, distributed, preemption
@@ -54,6 +54,7 @@ REWARDS = ("correct", "format", "reward_model")
 REWARD_STAGE = "reward"
 AUTO = "auto"  # stages.grpo.reward_model=auto: this run's reward/final/
 CURVE_FILE = "pass_rate_curve.jsonl"
+FILTER_FILE = "prompt_pass_rates.json"
 LOG_FILE = "log_history.json"
 
 
@@ -101,6 +102,11 @@ def check_objective(cfg) -> None:
         )
     if not 0.0 <= stage.zero_variance_weight <= 1.0:
         raise ConfigError(f"stages.grpo.zero_variance_weight={stage.zero_variance_weight} must be in [0, 1]")
+    if stage.filter_samples < 0 or not 0.0 <= stage.filter_max_pass_rate < 1.0:
+        raise ConfigError(
+            f"stages.grpo.filter_samples={stage.filter_samples} must be >= 0 (0: no prompt filter) and "
+            f"filter_max_pass_rate={stage.filter_max_pass_rate} in [0, 1) (1 would keep every prompt)"
+        )
     if stage.eval_every < 1 or stage.curve_problems < 1:
         raise ConfigError("stages.grpo.eval_every and stages.grpo.curve_problems must be >= 1")
     if not 0.0 <= stage.scaling_warmup_fraction < 1.0:
@@ -382,6 +388,62 @@ def build_dataset(task) -> Dataset:
     return Dataset.from_list(rows)
 
 
+def prompt_pass_rates(model, tokenizer, task, rows: list[dict], stage_cfg, seed: int) -> list[float]:
+    """Each RL prompt's pass rate over stage_cfg.filter_samples completions of `model` at the
+    rollout temperature. The ranks split the prompts and gather the rates, so all keep the same rows."""
+    rank, world = distributed.state().process_index, distributed.world_size()
+    mine = rows[rank::world]
+    set_seed(seed + rank)
+    samples = int(stage_cfg.filter_samples)
+    result = evaluate(model, tokenizer, task, mine, temperature=float(stage_cfg.temperature), num_samples=samples,
+                      max_new_tokens=int(stage_cfg.max_new_tokens), batch_size=int(stage_cfg.eval_batch_size))
+    rates = [sum(task.verify(t, r["answer"]) >= 1.0 for t in texts) / samples for texts, r in zip(result.completions, mine)]
+    if world == 1:
+        return rates
+    shards: list = [None] * world
+    torch.distributed.all_gather_object(shards, rates)
+    return [shards[i % world][i // world] for i in range(len(rows))]
+
+
+def filter_prompts(rows: list[dict], rates: list[float], max_pass_rate: float, per_step: int) -> list[dict]:
+    """The rows whose pass rate is at most max_pass_rate (offline difficulty filtering: a prompt
+    the policy always solves gives a group of equal rewards, so no signal, only cost)."""
+    kept = [row for row, rate in zip(rows, rates) if rate <= max_pass_rate]
+    if len(kept) < per_step:
+        raise ConfigError(
+            f"the prompt filter kept {len(kept)} of {len(rows)} RL prompts (pass rate <= {max_pass_rate}), fewer than the "
+            f"{per_step} one step takes: raise stages.grpo.filter_max_pass_rate or task.n_rl, or set stages.grpo.filter_samples=0"
+        )
+    return kept
+
+
+def selected_prompts(model, tokenizer, task, stage_cfg, seed: int, stage_dir: Path) -> tuple[Dataset, dict[str, float]]:
+    """The training prompts: every RL prompt, or with filter_samples > 0 the ones the input
+    policy does not always solve. The pass rates are saved, so a resumed run trains on the same rows."""
+    data = build_dataset(task)
+    if not stage_cfg.filter_samples:
+        return data, {}
+    rows = data.to_list()
+    path = stage_dir / FILTER_FILE
+    start = time.perf_counter()
+    if path.exists():
+        rates = json.loads(path.read_text())
+    else:
+        rates = prompt_pass_rates(model, tokenizer, task, task.rl_prompts(), stage_cfg, seed)
+        if distributed.is_main_process():
+            artifacts.write_json_atomic(path, rates)
+    per_step = int(stage_cfg.batch_size * stage_cfg.grad_accum * distributed.world_size()) // int(stage_cfg.num_generations)
+    kept = filter_prompts(rows, rates, float(stage_cfg.filter_max_pass_rate), per_step)
+    log(f"stage grpo: prompt filter kept {len(kept)} of {len(rows)} RL prompts (input policy's mean pass rate "
+        f"{sum(rates) / len(rates):.3f} over {stage_cfg.filter_samples} samples)")
+    return Dataset.from_list(kept), {
+        "filter_kept_prompts": len(kept),
+        "filter_prompts": len(rows),
+        "filter_pass_rate_mean": sum(rates) / len(rates),
+        "filter_seconds": time.perf_counter() - start,
+    }
+
+
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, reward_weights: list[float]) -> GRPOConfig:
     lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
     optimizer = trainer_kwargs(optim_cfg, lr)
@@ -453,7 +515,8 @@ def run(ctx) -> dict[str, float]:
     peft_config = build_peft_config(ctx.cfg.peft, model)
     rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust)
     args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1])
-    trainer = build_trainer(model, tokenizer, build_dataset(ctx.task), args, rewards, cfg, peft_config, ctx.cfg.optim)
+    train_data, filter_metrics = selected_prompts(model, tokenizer, ctx.task, cfg, ctx.cfg.seed, ctx.stage_dir)
+    trainer = build_trainer(model, tokenizer, train_data, args, rewards, cfg, peft_config, ctx.cfg.optim)
 
     eval_options = dict(prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     curve_problems = ctx.task.eval_problems()[: cfg.curve_problems]
@@ -491,6 +554,7 @@ def run(ctx) -> dict[str, float]:
         "rollout_tokens": float(trainer.state.num_input_tokens_seen),
         "trainable_parameters": trainable,
         "total_parameters": total,
+        **filter_metrics,
     }
     if kl_curve:  # beta = 0: no reference model, no KL
         metrics["kl"] = kl_curve[-1][1]

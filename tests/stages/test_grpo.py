@@ -15,7 +15,8 @@ from pipeline.adapters import build_peft_config
 from pipeline.models import load_model, save_policy
 from pipeline.tasks import build_task
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
-from stages.grpo import CURVE_FILE, build_dataset, build_rewards, build_trainer, training_args
+from pipeline.errors import ConfigError
+from stages.grpo import CURVE_FILE, FILTER_FILE, build_dataset, build_rewards, build_trainer, selected_prompts, training_args
 from tests.conftest import compose_config, run_cli
 
 EXPECTED_METRICS = {
@@ -162,3 +163,48 @@ def test_interrupted_run_resumes_and_keeps_its_pass_rate_curve(chain, tmp_path):
     assert [p["step"] for p in points] == list(range(7))  # steps 0-3 kept, 4-6 measured again, none twice
     assert points[:4] == first[:4]
     assert [p["compute"] for p in points] == sorted(p["compute"] for p in points)  # token count restored
+
+
+class EasyHalf:
+    """The smoke task, cut to 12 RL prompts, with a verifier that passes every completion of the
+    even-numbered prompts and none of the odd ones: pass rates 1, 0, 1, 0, ..."""
+
+    def __init__(self, task) -> None:
+        self.task, self.prompts = task, task.rl_prompts()[:12]
+        self.easy = {p["answer"] for p in self.prompts[::2]} - {p["answer"] for p in self.prompts[1::2]}
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def rl_prompts(self):
+        return self.prompts
+
+    def verify(self, completion: str, answer: str) -> float:
+        return float(answer in self.easy)
+
+
+def test_prompt_filter_drops_the_prompts_the_policy_always_solves(chain, tmp_path):
+    cfg = compose_config(["preset=smoke", "stages.grpo.filter_samples=3", "stages.grpo.batch_size=8"])
+    task = EasyHalf(build_task(cfg.task))
+    sft_final = chain / "sft" / "final"
+    tokenizer = load_chat_tokenizer(sft_final)
+    data, metrics = selected_prompts(load_model(str(sft_final)), tokenizer, task, cfg.stages.grpo, cfg.seed, tmp_path)
+    expected = [p["answer"] for p in task.prompts if p["answer"] not in task.easy]
+    assert data["answer"] == expected and len(expected) >= 5
+    assert data[0]["prompt"] == [{"role": "user", "content": task.prompts[1]["prompt"]}]
+    rates = json.loads((tmp_path / FILTER_FILE).read_text())
+    assert rates == [0.0 if p["answer"] in expected else 1.0 for p in task.prompts]
+    assert metrics["filter_kept_prompts"] == len(expected) and metrics["filter_prompts"] == 12
+    assert metrics["filter_pass_rate_mean"] == pytest.approx(1 - len(expected) / 12)
+
+    # a resumed run reads the saved rates (here: made-up ones) instead of sampling again
+    (tmp_path / FILTER_FILE).write_text(json.dumps([0.5] * 11 + [1.0]))
+    again, _ = selected_prompts(None, tokenizer, task, cfg.stages.grpo, cfg.seed, tmp_path)
+    assert again["answer"] == [p["answer"] for p in task.prompts[:11]]
+    # too few prompts left for one step (8 completions / 4 per group = 2 prompts): a clear error
+    (tmp_path / FILTER_FILE).write_text(json.dumps([1.0] * 11 + [0.0]))
+    with pytest.raises(ConfigError, match=r"kept 1 of 12 RL prompts .* fewer than the 2 one step takes"):
+        selected_prompts(None, tokenizer, task, cfg.stages.grpo, cfg.seed, tmp_path)
+    # without the filter every prompt trains
+    plain, none = selected_prompts(None, tokenizer, task, compose_config(["preset=smoke"]).stages.grpo, cfg.seed, tmp_path)
+    assert len(plain) == 12 and none == {}

@@ -76,6 +76,8 @@ def test_demo_experts_scope_on_a_dense_model_fails_when_the_chain_is_planned(tmp
         (["stages.grpo.zero_variance=drop"], r"zero_variance='drop'; valid: keep, filter, downweight"),
         (["stages.grpo.scale_rewards=std"], r"scale_rewards='std'; valid: group, batch, none"),
         (["stages.grpo.beta=-0.1"], r"beta=-0.1 must be >= 0"),
+        (["stages.grpo.filter_samples=4", "stages.grpo.filter_max_pass_rate=1.0"], r"filter_max_pass_rate=1.0 in \[0, 1\) \(1 would keep every prompt\)"),
+        (["stages.grpo.filter_samples=-1"], r"filter_samples=-1 must be >= 0"),
         (["stages.grpo.scaling_warmup_fraction=1.0"], r"scaling_warmup_fraction=1.0 must be in \[0, 1\)"),
         (["stages.grpo.reward_weights.correct=0"], r"reward_weights are all 0"),
         (["+stages.grpo.reward_weights.length=1"], r"unknown rewards \['length'\]"),
