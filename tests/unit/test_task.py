@@ -110,3 +110,15 @@ def test_jsonl_task_reads_columns_and_fails_clearly(tmp_path):
     assert task.verify("work\nA: 3", "3") == 1.0 and task.verify("A: 4", "3") == 0.0
     with pytest.raises(ValueError, match="task.splits.eval"):
         task.validate(["eval"])
+
+
+def test_fresh_eval_problems_are_new_and_leave_the_splits_alone():
+    task = arithmetic()
+    before = {s: list(task.problems(s)) for s in ("pretrain", "sft", "preference", "rl", "eval")}
+    fresh = task.fresh_eval_problems(400)
+    assert len({p["prompt"] for p in fresh}) == 400
+    used = {p.prompt for split in before.values() for p in split}
+    assert not used & {p["prompt"] for p in fresh}
+    assert all(task.verify(f"A: {p['answer']}", p["answer"]) == 1.0 for p in fresh)
+    assert task.fresh_eval_problems(400) == fresh and task.fresh_eval_problems(400, seed=1) != fresh
+    assert {s: task.problems(s) for s in before} == before
