@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from omegaconf import OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from pipeline.evaluate import generate, render_prompts  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.tasks import build_task  # noqa: E402
 from pipeline.tokenizer import load_chat_tokenizer  # noqa: E402
@@ -38,15 +38,13 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def per_problem_scores(path: str, task, problems: list[dict], temperature: float, samples: int, seed: int,
+def per_problem_scores(model, tokenizer, task, problems: list[dict], temperature: float, samples: int, seed: int,
                        max_new_tokens: int, batch_size: int) -> list[float]:
-    """Mean verifier reward per problem."""
-    model, tokenizer = load_model(path), load_chat_tokenizer(path)
-    prompts = render_prompts(tokenizer, task, [p["prompt"] for p in problems], "chat")
+    """Mean verifier reward per problem, through the stages' evaluation (chat format)."""
     set_seed(seed)
-    texts, _ = generate(model, tokenizer, prompts, temperature=temperature, num_samples=samples,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return [sum(task.verify(t, p["answer"]) for t in row) / len(row) for row, p in zip(texts, problems)]
+    result = evaluate(model, tokenizer, task, problems, temperature=temperature, num_samples=samples,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [sum(task.verify(t, p["answer"]) for t in row) / len(row) for row, p in zip(result.completions, problems)]
 
 
 def main() -> None:
@@ -72,10 +70,11 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     for name, path in named:
         start = time.perf_counter()
+        model, tokenizer = load_model(path), load_chat_tokenizer(path)
         options = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         results[name] = {
-            "greedy": per_problem_scores(path, task, problems, 0.0, 1, **options),
-            "sampled": per_problem_scores(path, task, problems, 1.0, args.samples, **options),
+            "greedy": per_problem_scores(model, tokenizer, task, problems, 0.0, 1, **options),
+            "sampled": per_problem_scores(model, tokenizer, task, problems, 1.0, args.samples, **options),
         }
         line = [f"{name:>10}"]
         for mode, scores in results[name].items():
