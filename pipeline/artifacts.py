@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,22 +36,67 @@ def now() -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temporary sibling, fsync it, rename it over `path`. On any error (a full disk
+    shows up at write, flush or fsync) the temporary file is removed and the error re-raised,
+    leaving `path` as it was."""
+    fd, tmp = _create_temp_sibling(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _create_temp_sibling(path: Path) -> tuple[int, Path]:
+    """(fd, path) of a new `.<name>.<random>.tmp` next to `path`. Created with mode 0o666 so the
+    kernel applies the umask, as for any file a user creates (mkstemp's files are 0600, and the
+    rename would carry that mode onto the manifest)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def rewrite_in_place(path: Path, text: str) -> None:
+    """Overwrite an existing file's bytes where they lie, with no temporary file: the last
+    resort when the disk is full. Needs no free space while the text fits the blocks the file
+    already holds (a shorter text always does on ext4 and xfs; copy-on-write filesystems such
+    as btrfs and ZFS may still refuse). Not atomic: a kill midway leaves a torn file, which
+    read_json reads as no file."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY)  # no O_CREAT, no O_TRUNC: keep the file's blocks
+    try:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, data[written:], written)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record_manifest(stage_dir: Path, manifest: dict) -> None:
+    """write_manifest for a stage's end (failed, preempted): if the atomic write fails (a full
+    disk), rewrite the existing manifest in place, compactly, so it does not stay `running`.
+    Raises the atomic write's error if that fails too."""
+    try:
+        write_manifest(stage_dir, manifest)
+    except OSError as err:
+        try:
+            rewrite_in_place(stage_dir / MANIFEST, json.dumps(manifest, sort_keys=True, separators=(",", ":")) + "\n")
+        except OSError:
+            raise err from None
 
 
 def read_json(path: Path) -> dict | None:

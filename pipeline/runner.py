@@ -263,7 +263,11 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
         if distributed.is_main_process():
             status = "preempted" if isinstance(err, preemption.Preempted) else "failed"
             manifest.update(status=status, ended=artifacts.now(), error=f"{type(err).__name__}: {err}")
-            artifacts.write_manifest(stage_dir, manifest)
+            try:  # on a full disk too: in place if the atomic write fails
+                artifacts.record_manifest(stage_dir, manifest)
+            except OSError as write_err:
+                log(f"stage {plan.name}: could not record status {status} in {stage_dir / artifacts.MANIFEST}, which "
+                    f"still says running ({type(write_err).__name__}: {write_err}); the stage failed with: {manifest['error']}")
         raise
     wall = time.perf_counter() - start
     if distributed.is_main_process():
