@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from pipeline import artifacts, distributed, preemption
+from pipeline import artifacts, distributed, lock, preemption
 from pipeline.errors import ConfigError  # noqa: F401 (re-exported: stages import it from here)
 from pipeline.report import write_report
 from pipeline.tasks import Task, build_task
@@ -206,22 +206,28 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
     preemption.install_handlers()
     run_dir = Path(str(cfg.run.dir)).expanduser().resolve()
     plans = plan_stages(cfg, run_dir)
+    # one invocation per run dir: taken before anything is written there, released however
+    # this ends (the lock file is removed only by the process that holds it)
+    held = lock.acquire_for_launch(run_dir)
     try:
-        task = build_task(cfg.task)
-        task.validate(sorted({split for plan in plans for split in plan.module.SPLITS}))
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from err
+        try:
+            task = build_task(cfg.task)
+            task.validate(sorted({split for plan in plans for split in plan.module.SPLITS}))
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(str(err)) from err
 
-    if distributed.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / preemption.FLAG_FILE).unlink(missing_ok=True)  # a request to an earlier run
-        artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    log(f"run dir {run_dir}; stages: {' -> '.join(p.name for p in plans)}")
+        if distributed.is_main_process():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / preemption.FLAG_FILE).unlink(missing_ok=True)  # a request to an earlier run
+            artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        log(f"run dir {run_dir}; stages: {' -> '.join(p.name for p in plans)}")
 
-    results: dict[str, dict] = {}
-    for plan in plans:
-        results[plan.name] = run_stage(cfg, plan, run_dir, task)
-    return results
+        results: dict[str, dict] = {}
+        for plan in plans:
+            results[plan.name] = run_stage(cfg, plan, run_dir, task)
+        return results
+    finally:
+        lock.release(held)
 
 
 def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> dict:
