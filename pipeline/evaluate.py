@@ -4,6 +4,7 @@ task's verifier. Greedy accuracy, sampled pass@1 and pass@k, and generated-token
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,11 +59,13 @@ def generate(
     num_samples: int = 1,
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    before_batch: Callable[[], None] | None = None,
 ) -> tuple[list[list[str]], list[list[int]]]:
     """Completions (and their generated-token counts) for each prompt, `num_samples` each.
 
     temperature 0 means greedy. Sampling is pure ancestral sampling (no top-k/top-p), so
-    "temperature 1" is the model's own distribution.
+    "temperature 1" is the model's own distribution. `before_batch` is called before each
+    batch and may raise to stop (test_time's preemption check).
     """
     stops = stop_token_ids(tokenizer)
     config = GenerationConfig(
@@ -84,6 +87,8 @@ def generate(
     try:
         with router_logits_off(model):
             for start in range(0, len(prompts), batch_size):
+                if before_batch is not None:
+                    before_batch()
                 batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
                 batch = batch.to(model.device)
                 out = model.generate(**batch, generation_config=config)

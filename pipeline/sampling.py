@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -325,16 +326,19 @@ def _last_token(chains: _Chains) -> torch.Tensor:
 @torch.inference_mode()
 def power_sample(
     model, prompt_ids: list[list[int]], *, alpha: float, mcmc_steps: int, block_size: int, max_new_tokens: int,
-    stop_ids: list[int], pad_id: int, seed: int = 0, batch_size: int = 64,
+    stop_ids: list[int], pad_id: int, seed: int = 0, batch_size: int = 64, before_batch: Callable[[], None] | None = None,
 ) -> PowerSamples:
     """Power samples p^alpha for each prompt (token ids, no padding); see the module docstring.
-    Chain c (the prompt's index) draws from ChainRandom(seed, [c]), as in power_sample_reference."""
+    Chain c (the prompt's index) draws from ChainRandom(seed, [c]), as in power_sample_reference.
+    `before_batch` is called before each batch of prompts and may raise to stop."""
     _virtual_tokens(model)  # an unsupported adapter fails here, before any compute
     model.eval()
     out = PowerSamples.empty(len(prompt_ids))
     params = _Params(alpha, mcmc_steps, block_size, max_new_tokens, torch.tensor(sorted(set(stop_ids))), pad_id)
     with router_logits_off(model):
         for first in range(0, len(prompt_ids), batch_size):
+            if before_batch is not None:
+                before_batch()
             chains = list(range(first, min(first + batch_size, len(prompt_ids))))
             _power_sample_batch(model, [prompt_ids[c] for c in chains], ChainRandom(seed, chains), params, out, first)
     return out
@@ -460,7 +464,8 @@ class MethodResult:
     extras: dict[str, float] = field(default_factory=dict)
 
 
-def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature: float, n: int, cache: dict | None):
+def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature: float, n: int, cache: dict | None,
+             before_batch: Callable[[], None] | None = None):
     """(texts, counts, seconds) of n samples per prompt; from `cache` if these were drawn before."""
     key = (tuple(prompts), temperature, n)
     if cache is not None and key in cache:
@@ -468,7 +473,8 @@ def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature:
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     texts, counts = generate(model, tokenizer, prompts, temperature=temperature, num_samples=n,
-                             max_new_tokens=settings.max_new_tokens, batch_size=max(1, settings.batch_size // n))
+                             max_new_tokens=settings.max_new_tokens, batch_size=max(1, settings.batch_size // n),
+                             before_batch=before_batch)
     result = (texts, counts, time.perf_counter() - start)
     if cache is not None:
         cache[key] = result
@@ -476,11 +482,13 @@ def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature:
 
 
 def run_method(method: str, model, tokenizer, task, problems: list[dict], settings: TestTimeSettings,
-               reward: RewardScorer | None = None, cache: dict | None = None) -> MethodResult:
+               reward: RewardScorer | None = None, cache: dict | None = None,
+               before_batch: Callable[[], None] | None = None) -> MethodResult:
     """Answer every problem with `method` (one of METHODS), chat format; accuracy by the task's
     verifier, cost in generated tokens. Pass one `cache` dict to several calls and majority_vote
     and best_of_n choose among the same candidates, drawn once; each still reports their full
-    cost (tokens and the time it took to draw them)."""
+    cost (tokens and the time it took to draw them). `before_batch` is called before each
+    generation batch and may raise to stop (test_time's preemption check)."""
     if method not in METHODS:
         raise ValueError(f"unknown test-time method {method!r}; valid: {', '.join(METHODS)}")
     if method == "best_of_n" and reward is None:
@@ -490,14 +498,14 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
     extras: dict[str, float] = {}
     if method in ("greedy", "sample", "low_temperature"):
         temperature = {"greedy": 0.0, "sample": settings.sample_temperature, "low_temperature": 1.0 / settings.alpha}[method]
-        texts, counts, _ = _samples(model, tokenizer, prompts, settings, temperature, 1, None)
+        texts, counts, _ = _samples(model, tokenizer, prompts, settings, temperature, 1, None, before_batch)
         chosen, cost = [t[0] for t in texts], [c[0] for c in counts]
     elif method == "power":
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         result = power_sample(
             model, ids, alpha=settings.alpha, mcmc_steps=settings.mcmc_steps, block_size=settings.block_size,
             max_new_tokens=settings.max_new_tokens, stop_ids=stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-            seed=settings.seed, batch_size=settings.batch_size,
+            seed=settings.seed, batch_size=settings.batch_size, before_batch=before_batch,
         )
         chosen = [tokenizer.decode(t, skip_special_tokens=True) for t in result.token_ids]
         cost = result.generated_tokens
@@ -505,7 +513,7 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
     else:
         before = time.perf_counter()
         texts, counts, drawing = _samples(model, tokenizer, prompts, settings, settings.sample_temperature,
-                                          settings.num_samples, cache)
+                                          settings.num_samples, cache, before_batch)
         drawing -= time.perf_counter() - before  # the part of the drawing time not spent in this call
         if method == "majority_vote":
             picks = [majority_vote([task.extract_answer(t) for t in candidates]) for candidates in texts]

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 
-from pipeline import artifacts, distributed
+from pipeline import artifacts, distributed, preemption
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
 from pipeline.runner import ConfigError, completed_manifest, log
@@ -147,6 +147,14 @@ def plot_methods(results: list[MethodResult], path: Path) -> None:
     plt.close(fig)
 
 
+def stop_if_preempted(run_dir: Path, method: str) -> None:
+    """Between generation batches: a SIGUSR1/SIGTERM or the .preempt flag file stops the stage
+    (exit 75, as a training stage at a step). It keeps no partial results: the rerun evaluates
+    every method again, from the same seed, so its numbers equal an uninterrupted run's."""
+    if preemption.requested(run_dir):
+        raise preemption.Preempted(f"test_time stopped during {method} (no checkpoint: the rerun starts it again)")
+
+
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
     if ctx.input_path is None:
@@ -168,7 +176,8 @@ def run(ctx) -> dict[str, float]:
     problems = ctx.task.eval_problems()[: cfg.eval_problems]
     results, candidates = [], {}  # majority_vote and best_of_n share their candidates
     for method in methods:
-        result = run_method(method, model, tokenizer, ctx.task, problems, settings, reward, candidates)
+        result = run_method(method, model, tokenizer, ctx.task, problems, settings, reward, candidates,
+                            before_batch=lambda: stop_if_preempted(ctx.run_dir, method))
         log(f"stage test_time: {method}: accuracy {result.accuracy:.3f}, {result.tokens_per_problem:.1f} tokens/problem, "
             f"{result.wall_time_s:.1f}s")
         results.append(result)

@@ -10,10 +10,13 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import stages.pretrain
-from pipeline import artifacts, preemption
+from pipeline import artifacts, lock, preemption, sampling
 from pipeline.runner import run_pipeline
+from pipeline.tokenizer import train_tokenizer
 from tests.conftest import compose_config
 
 WRITERS = {
@@ -73,10 +76,12 @@ def test_run_dir_files_get_the_umask_permissions(tmp_path, umask):
         (tmp_path / "old.txt").write_text("x")
         os.chmod(tmp_path / "old.txt", 0o600)
         artifacts.write_text_atomic(tmp_path / "old.txt", "y")  # a replaced file gets them too
-        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "new.json", tmp_path / "old.txt"]}
+        held = lock.acquire(tmp_path / "run")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "new.json", tmp_path / "old.txt", held.path]}
+        lock.release(held)
     finally:
         os.umask(previous)
-    assert modes == {"new.json": 0o666 & ~umask, "old.txt": 0o666 & ~umask}
+    assert modes == {"new.json": 0o666 & ~umask, "old.txt": 0o666 & ~umask, ".lock": 0o666 & ~umask}
 
 
 def test_failure_manifest_is_rewritten_in_place_when_the_disk_is_full(tmp_path, monkeypatch):
@@ -131,3 +136,72 @@ def test_stage_failing_on_a_full_disk_is_recorded_failed_and_the_error_propagate
     assert "checkpoint-5/optimizer.pt" in manifest["error"] and manifest["ended"]
     assert temp_files(run_dir) == []
     assert not (run_dir / ".lock").exists()  # released on the way out
+
+
+# --------------------------------------------------------------------------- test_time preemption
+
+TEXTS = ["Q: 47+18-9=?\n47+18=65\n65-9=56\nA: 56\n", "Q: 3+4=?\n3+4=7\nA: 7\n"] * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory) -> Path:
+    tokenizer = train_tokenizer(TEXTS, 300)
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=2, num_experts_per_tok=1,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    path = tmp_path_factory.mktemp("policy") / "final"
+    Qwen3MoeForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def ask_to_stop(how: str, run_dir: Path) -> None:
+    if how == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler run_pipeline installed takes it
+    else:
+        (run_dir / preemption.FLAG_FILE).touch()  # what the sbatch scripts do on SLURM's warning
+
+
+def count_and_stop_after_first(monkeypatch, owner, name: str, how: str, run_dir: Path) -> list[int]:
+    """Wrap owner.name (one generation batch) to count calls and ask to stop after the first."""
+    real, calls = getattr(owner, name), []
+
+    def batch(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            ask_to_stop(how, run_dir)
+        return out
+
+    monkeypatch.setattr(owner, name, batch)
+    return calls
+
+
+@pytest.mark.parametrize("how", ["sigterm", "flag_file"])
+@pytest.mark.parametrize("method", ["majority_vote", "power"])
+def test_test_time_stops_between_batches_on_a_preemption_request(tmp_path, monkeypatch, pipeline_process, tiny_policy,
+                                                                  how, method):
+    run_dir = tmp_path / "run"
+    cfg = compose_config(["preset=smoke", "run.stages=[test_time]", f"run.dir={run_dir}",
+                          f"stages.test_time.init={tiny_policy}", f"stages.test_time.methods=[{method}]",
+                          "stages.test_time.batch_size=3", "stages.test_time.num_samples=3",
+                          "stages.test_time.max_new_tokens=8", "stages.test_time.eval_problems=6"])
+    # 6 problems: 6 batches of one prompt's 3 candidates (vote), or 2 batches of 3 prompts (power)
+    owner, name = (sampling, "_power_sample_batch") if method == "power" else (Qwen3MoeForCausalLM, "generate")
+    calls = count_and_stop_after_first(monkeypatch, owner, name, how, run_dir)
+    with pytest.raises(preemption.Preempted, match=f"test_time stopped during {method}"):
+        run_pipeline(cfg)
+    assert len(calls) == 1  # stopped at the next batch, not at the end
+    stage = run_dir / "test_time"
+    manifest = json.loads((stage / "stage.json").read_text())
+    assert manifest["status"] == "preempted"
+    assert not (stage / "metrics.json").exists() and not (run_dir / ".lock").exists()
+
+    monkeypatch.setattr(preemption, "_requested", False)  # the requeued job: a fresh process
+    run_pipeline(cfg)  # the rerun evaluates again from the start (test_time keeps no checkpoint)
+    assert json.loads((stage / "stage.json").read_text())["status"] == "completed"
+    assert len(calls) == 1 + (2 if method == "power" else 6)
+    assert 0.0 <= json.loads((stage / "metrics.json").read_text())[f"accuracy/{method}"] <= 1.0
