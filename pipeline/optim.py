@@ -15,6 +15,8 @@ take it as `trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(...)` be
 
 from __future__ import annotations
 
+import os
+
 from transformers import TrainerCallback
 
 from pipeline import distributed
@@ -87,8 +89,12 @@ def check_supported(optim_cfg) -> None:
         raise ValueError(f"optim=muon under DeepSpeed needs ZeRO stage 1, 2 or 3 (DeepSpeed runs Muon in its ZeRO "
                          f"code), the config has stage {stage}; launch with conf/accelerate/zero{{1,2,3}}.yaml")
     if stage == 3 and zero.get("reduce_scatter", True) is not False:
-        raise ValueError("optim=muon under ZeRO-3 needs \"reduce_scatter\": false in zero_optimization (DeepSpeed "
-                         "gathers whole matrices for Muon); conf/deepspeed/zero3.json sets it")
+        # Refused rather than patched: the setting lives in the launch's DeepSpeed config, which
+        # accelerate hands to every rank before this code runs.
+        raise ValueError(f"optim=muon under ZeRO-3 needs \"reduce_scatter\": false in zero_optimization (DeepSpeed "
+                         f"gathers whole matrices for Muon); the launch's DeepSpeed config ({deepspeed_source()}) "
+                         "does not set it. Launch with conf/accelerate/zero3.yaml (its conf/deepspeed/zero3.json sets "
+                         "it) or add it to your DeepSpeed json")
     if "optimizer" in ds_config:
         raise ValueError("the DeepSpeed config has an \"optimizer\" section, which would replace optim=muon; "
                          "remove it (conf/deepspeed/*.json leave the optimizer to the optim group)")
@@ -96,6 +102,12 @@ def check_supported(optim_cfg) -> None:
         raise ValueError(f"optim=muon under DeepSpeed ZeRO needs optim.max_grad_norm=0: DeepSpeed would clip the "
                          f"orthogonalised Muon update together with the gradients, not the gradients "
                          f"(got {optim_cfg.max_grad_norm})")
+
+
+def deepspeed_source() -> str:
+    """Where the launch's DeepSpeed config comes from, for messages."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    return path if path != "none" else "zero_stage set inline in the accelerate config"
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from pipeline import artifacts, distributed, lock, preemption
+from pipeline.config_check import check_config
 from pipeline.errors import ConfigError  # noqa: F401 (re-exported: stages import it from here)
 from pipeline.report import write_report
 from pipeline.tasks import Task, build_task
@@ -92,6 +93,7 @@ def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None
 
 def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
     """Check every stage and its input before anything runs; raise ConfigError on bad input."""
+    check_config(cfg)  # types and ranges of every key, model files: before anything reads them
     names = list(cfg.run.stages)
     if not names:
         raise ConfigError("run.stages is empty; e.g. run.stages=[pretrain]")
