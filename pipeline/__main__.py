@@ -1,6 +1,12 @@
-"""`python -m pipeline [overrides]`: compose conf/config.yaml with Hydra and run the stages."""
+"""`python -m pipeline [overrides]`: compose conf/config.yaml with Hydra and run the stages.
+
+Exit codes: 0 done, 2 bad config or input (Hydra's composition errors included: unknown key,
+unknown group option, malformed override), 75 preempted (rerun to resume), 1 a failure while
+running.
+"""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -8,17 +14,59 @@ from omegaconf import DictConfig
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
 from pipeline.runner import ConfigError, run_pipeline
 
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: main() also runs in-process (tests)
+CONFIG_ERROR_EXIT_CODE = 2
+_started = False  # Hydra composed the config and called the task function
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _run(cfg: DictConfig) -> None:
+    global _started
+    _started = True
     try:
         run_pipeline(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
     except Preempted as err:
         print(f"[pipeline] preempted: {err}; rerun the same command to resume", flush=True)
         sys.exit(REQUEUE_EXIT_CODE)
+
+
+def main() -> None:
+    """Hydra prints a composition error and exits 1, the code of a failed run; an error before
+    the config existed is a config error, so it leaves with 2 (Hydra's message stays as printed)."""
+    global _started
+    _started = False
+    try:
+        _run()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _started:
+            name_bad_override(sys.argv[1:])
+            sys.exit(CONFIG_ERROR_EXIT_CODE)
+        raise
+    except Exception:  # HYDRA_FULL_ERROR=1: Hydra re-raises instead of printing
+        if _started:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
+
+
+def name_bad_override(args: list[str]) -> None:
+    """Hydra's parse error quotes only the bad fragment ("no viable alternative at input '[1,'");
+    say which argument it was."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in (a for a in args if not a.startswith("-")):
+        try:
+            parser.parse_overrides([arg])
+        except Exception:
+            print(f"error: cannot parse the override {arg!r} (Hydra's message above); quote a value with "
+                  "special characters, e.g. 'key=\"a,b\"'", file=sys.stderr)
+            return
 
 
 if __name__ == "__main__":
