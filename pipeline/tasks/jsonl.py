@@ -1,17 +1,22 @@
 """User data through `datasets`: local JSONL/JSON/Parquet/CSV files or a Hugging Face dataset name.
 
-Each split is read only when a stage asks for it, and a missing column fails with the split, the
-column, the columns that are there, and the override that fixes it.
+Each split is read only when a stage asks for it (the runner's validate() reads them all before
+any compute). Whatever is wrong with a file fails there, naming the split, the file, the line or
+row, the column and the fix: a missing file or column, an empty file, a line that is not JSON, a
+value that is not a string (null, a list, an object: never turned into text; an answer may be
+an integer), a value longer than task.max_chars.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 from pipeline.tasks.base import Task
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DEFAULT_MAX_CHARS = 100_000
 
 
 def load_rows(source: str, hf_split: str = "train"):
@@ -22,11 +27,70 @@ def load_rows(source: str, hf_split: str = "train"):
     if ext in LOCAL_BUILDERS:
         if not os.path.exists(source):
             raise FileNotFoundError(f"data file {source!r} does not exist")
-        return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=source, split="train")
+        if os.path.getsize(source) == 0:
+            raise ValueError(f"data file {source!r} is empty; add data to it")
+        try:
+            return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=source, split="train")
+        except Exception as err:  # an empty JSON file ends in a bare StopIteration, a bad line in a generic error
+            bad_line = first_bad_json_line(source) if ext == ".jsonl" else None
+            if bad_line:
+                fix = "fix or remove that line" if bad_line.startswith("line") else "add data to it"
+                raise ValueError(f"data file {source!r} {bad_line}; {fix}") from err
+            cause = err.__cause__ or err.__context__ or err
+            raise ValueError(f"data file {source!r} could not be read: {type(cause).__name__}: {cause}") from err
     if os.path.isdir(source):
         return datasets.load_from_disk(source) if os.path.exists(os.path.join(source, "dataset_info.json")) else datasets.load_dataset(source, split=hf_split)
     name, _, config = source.partition(":")
     return datasets.load_dataset(name, config or None, split=hf_split)
+
+
+def first_bad_json_line(path: str) -> str | None:
+    """Where a JSON-lines file stops being one JSON object per line ("line 3 is not valid JSON
+    (...)"; "has no rows" when every line is blank), or None if every line is one."""
+    rows = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err.msg} at character {err.pos + 1})"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object of column: value"
+            rows += 1
+    return None if rows else "has no rows (only blank lines)"
+
+
+def row_name(source: str, index: int) -> str:
+    """"row 3", and for a JSON-lines file the line it is on (blank lines are skipped)."""
+    name = f"row {index + 1}"
+    if os.path.splitext(source)[1].lower() != ".jsonl" or not os.path.isfile(source):
+        return name
+    with open(source, encoding="utf-8", errors="replace") as f:
+        seen = -1
+        for number, line in enumerate(f, start=1):
+            seen += bool(line.strip())
+            if seen == index:
+                return f"{name} (line {number})"
+    return name
+
+
+def value_problem(field: str, value, max_chars: int) -> str | None:
+    """What is wrong with one value, or None. Text must be a string; an `answer` may also be an
+    integer (compared as its decimal string). Nothing else is turned into text."""
+    if value is None:
+        return "the value is null (missing); give every row a string there or drop the row"
+    if field == "answer" and isinstance(value, int) and not isinstance(value, bool):
+        return None
+    if not isinstance(value, str):
+        kind = {list: "a list", dict: "an object", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(value), type(value).__name__)
+        return f"the value is {kind} ({str(value)[:60]}), not a string; write it as a string in the file"
+    if len(value) > max_chars:
+        return (f"{len(value)} characters, more than task.max_chars={max_chars}; shorten or split that row, "
+                f"or raise task.max_chars")
+    return None
 
 
 class JsonlTask(Task):
@@ -42,7 +106,14 @@ class JsonlTask(Task):
         source = self.cfg.splits.get(split)
         if not source:
             raise ValueError(f"task=jsonl: a stage needs the '{split}' split; set task.splits.{split}=/path/to/file.jsonl")
-        rows = load_rows(str(source), self.cfg.hf_split)
+        try:
+            rows = load_rows(str(source), self.cfg.hf_split)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"task=jsonl: split '{split}': {err}; set task.splits.{split} to an existing file") from err
+        except ValueError as err:
+            raise ValueError(f"task=jsonl: split '{split}': {err}") from err
+        if len(rows) == 0:
+            raise ValueError(f"task=jsonl: split '{split}' ({source}) has no rows; point task.splits.{split} at a file with data")
         wanted = {field: self.cfg.columns[field] for field in fields}
         for field, column in wanted.items():
             if column not in rows.column_names:
@@ -50,7 +121,18 @@ class JsonlTask(Task):
                     f"task=jsonl: split '{split}' ({source}) has no column {column!r} for '{field}'; "
                     f"its columns are {rows.column_names}. Set task.columns.{field}=<column name>."
                 )
-        return [{field: str(row[column]) for field, column in wanted.items()} for row in rows]
+        max_chars = int(self.cfg.get("max_chars", DEFAULT_MAX_CHARS))
+        out = []
+        for index, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values())))):
+            values = {}
+            for field, column in wanted.items():
+                problem = value_problem(field, row[column], max_chars)
+                if problem:
+                    named = f"column {column!r}" + (f" (task.columns.{field})" if column != field else "")
+                    raise ValueError(f"task=jsonl: split '{split}' ({source}) {row_name(str(source), index)}, {named}: {problem}")
+                values[field] = row[column] if isinstance(row[column], str) else str(row[column])
+            out.append(values)
+        return out
 
     def validate(self, splits: list[str]) -> None:
         """Read the named splits now, so a bad path or column fails before any compute."""
