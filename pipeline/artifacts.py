@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from pipeline import distributed
 MANIFEST = "stage.json"
 METRICS = "metrics.json"
 FINAL = "final"
+PENDING_FINAL = ".final.tmp"  # a final/ being written, renamed into place by commit_final
+FINAL_RECORD = "pipeline_stage.json"  # in final/: the stage, config hash and metrics it came with
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets", "tokenizers", "hydra-core")
 
@@ -137,21 +140,74 @@ def read_metrics(stage_dir: Path) -> dict | None:
     return read_json(stage_dir / METRICS)
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """The HF Trainer writes trainer_state.json last, so its presence (and validity) marks a
-    checkpoint whose model, optimizer, scheduler and RNG files are all on disk."""
-    return read_json(path / "trainer_state.json") is not None
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint-N cannot be resumed from (a file and what is wrong with it), or None.
+
+    Cheap checks that catch a kill or a full disk mid-save: trainer_state.json (the Trainer
+    writes it last) parses; every safetensors file's header parses and its size is what the
+    header says; every torch file (optimizer, scheduler, RNG, DeepSpeed states) is a readable
+    zip archive, whose directory sits at its end, so a truncated one fails; JSON files parse.
+    """
+    state = read_json(path / "trainer_state.json")
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json is missing or does not parse (the save did not finish)"
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    if not any(f.suffix in (".safetensors", ".bin", ".pt") for f in files):
+        return "it holds no weights file"
+    for file in files:
+        problem = None
+        if file.suffix == ".safetensors":
+            problem = safetensors_problem(file)
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            try:
+                with zipfile.ZipFile(file):
+                    pass
+            except (zipfile.BadZipFile, OSError) as err:
+                problem = f"not a readable torch file ({err})"
+        elif file.suffix == ".json" and read_json(file) is None:
+            problem = "does not parse as JSON"
+        if problem:
+            return f"{file.relative_to(path)}: {problem}"
+    return None
 
 
-def find_resume_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete checkpoint-N under the stage dir; a half-written one is ignored."""
+def safetensors_problem(file: Path) -> str | None:
+    """None if the file's header parses and the file is as long as the header says."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                return f"{size} bytes, shorter than its header claims"
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError) as err:
+        return f"its header does not parse ({err})"
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + header_len + end:
+        return f"{size} bytes, but its header describes {8 + header_len + end} (truncated or overwritten)"
+    return None
+
+
+def scan_checkpoints(stage_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint-N that verifies, [(newer checkpoint, why it does not) ...])."""
     if not stage_dir.is_dir():
-        return None
+        return None, []
     steps = sorted(
         ((int(m.group(1)), p) for p in stage_dir.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()),
         reverse=True,
     )
-    return next((p for _, p in steps if is_complete_checkpoint(p)), None)
+    unusable = []
+    for _, path in steps:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, unusable
+        unusable.append((path, problem))
+    return None, unusable
+
+
+def find_resume_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest checkpoint-N under the stage dir that verifies; half-written ones are passed over."""
+    return scan_checkpoints(stage_dir)[0]
 
 
 def is_hf_checkpoint(path: Path) -> bool:
@@ -159,34 +215,71 @@ def is_hf_checkpoint(path: Path) -> bool:
 
 
 def save_final(stage_dir: Path, save_fn) -> Path:
-    """Write final/ atomically: `save_fn(tmp_dir)` fills a temporary sibling, which is then
-    renamed into place (an older final/ is moved aside first and removed after).
+    """Write the stage's final checkpoint to a temporary sibling of final/ (`save_fn(tmp_dir)`
+    fills it) and return that path. The runner renames it into place with commit_final once
+    the stage has returned its metrics, so a final/ on disk is always complete and comes with
+    the numbers and config hash it was made with.
 
     Called on every rank: sharded models (ZeRO-3, FSDP) need all ranks to gather the weights,
-    so the temporary path is the same on all of them and only the main process renames.
+    so the temporary path is the same on all of them.
     """
-    final = stage_dir / FINAL
-    tmp = stage_dir / ".final.tmp"
+    tmp = stage_dir / PENDING_FINAL
     if distributed.is_main_process() and tmp.exists():
         shutil.rmtree(tmp)  # left by a killed run; never trusted
     distributed.barrier()
     save_fn(tmp)
     distributed.barrier()
-    if distributed.is_main_process():
-        old = stage_dir / ".final.old"
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+    return tmp
+
+
+def commit_final(stage_dir: Path, record: dict) -> Path | None:
+    """Main process: put the pending final/ in place with `record` (stage, config hash, metrics)
+    inside it; an older final/ moves to superseded/. None when the stage saved no final/."""
+    tmp, final = stage_dir / PENDING_FINAL, stage_dir / FINAL
+    if not tmp.is_dir():
+        return None
+    write_json_atomic(tmp / FINAL_RECORD, record)
+    if final.exists():
+        move_to_superseded(final, stage_dir.parent, f"{stage_dir.name}-final")
+    os.replace(tmp, final)
     return final
+
+
+def final_record(stage_dir: Path) -> dict | None:
+    """The record commit_final left in final/ (None for a final/ without one)."""
+    return read_json(stage_dir / FINAL / FINAL_RECORD) if is_hf_checkpoint(stage_dir / FINAL) else None
+
+
+def move_to_superseded(path: Path, run_dir: Path, label: str) -> Path:
+    """Move `path` (a stage dir, a final/, a checkpoint) to <run_dir>/superseded/<label>-<time>
+    and return where it went: results are set aside, never deleted."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target, n = run_dir / "superseded" / f"{label}-{stamp}", 1
+    while target.exists():
+        n += 1
+        target = run_dir / "superseded" / f"{label}-{stamp}-{n}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return target
 
 
 def archive_stage_dir(stage_dir: Path, reason: str) -> Path:
     """Move a stage directory aside (never delete a user's results) and return where it went."""
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = stage_dir.parent / "superseded" / f"{stage_dir.name}-{stamp}-{reason}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(stage_dir, target)
-    return target
+    return move_to_superseded(stage_dir, stage_dir.parent, f"{stage_dir.name}-{reason}")
+
+
+def fingerprint(path: Path, sample_bytes: int = 1 << 20) -> str:
+    """A content fingerprint of a file or directory, cheap for large files: each file's relative
+    name, size, modification time and a hash of its first, middle and last `sample_bytes`.
+    A rewrite at the same path changes it; a copy elsewhere (new mtime) does too."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}|{stat.st_size}|{stat.st_mtime_ns}|".encode())
+        with open(file, "rb") as f:
+            for offset in sorted({0, max(0, stat.st_size // 2 - sample_bytes // 2), max(0, stat.st_size - sample_bytes)}):
+                f.seek(offset)
+                digest.update(f.read(sample_bytes))
+    return digest.hexdigest()[:16]

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import TrainOutput
 
 from pipeline import distributed
+from pipeline.resume import ExactResume, StopAtMaxSteps, TrainingAlreadyComplete
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the sbatch scripts requeue on it
 FLAG_FILE = ".preempt"
@@ -63,10 +65,18 @@ class PreemptionCallback(TrainerCallback):
 
 def train(trainer, ctx):
     """`trainer.train()` that resumes from the stage's checkpoint and raises Preempted when
-    it stopped early on request (its checkpoint is saved by then)."""
+    it stopped early on request (its checkpoint is saved by then). A resume from the checkpoint
+    saved at max_steps trains no further step and returns the checkpoint's state."""
+    if ctx.resume_checkpoint is not None and not isinstance(trainer, ExactResume):
+        raise TypeError(f"{type(trainer).__name__} must list pipeline.resume.ExactResume first to resume exactly")
     callback = PreemptionCallback(ctx.run_dir)
     trainer.add_callback(callback)
-    output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
+    trainer.add_callback(StopAtMaxSteps())
+    try:
+        output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
+    except TrainingAlreadyComplete:
+        trainer.control = trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+        return TrainOutput(trainer.state.global_step, 0.0, {"train_runtime": 0.0})
     if callback.triggered:
         raise Preempted(f"stopped at step {trainer.state.global_step}; checkpoint-{trainer.state.global_step} saved")
     return output

@@ -86,6 +86,7 @@ def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None
     payload["stage"] = OmegaConf.to_container(cfg.stages[name], resolve=True)
     payload["seed"] = cfg.seed
     payload["input"] = input_fingerprint
+    payload["data"] = data_fingerprints(cfg.task, module.SPLITS)
     if extra is not None:
         payload["extra_inputs"] = extra
     return artifacts.config_hash(payload)
@@ -181,13 +182,22 @@ def checkpoint_input(value, field: str) -> tuple[Path, str]:
             f"{field}={value} is not a checkpoint directory (no config.json); "
             "point it at a Hugging Face model directory or a stage's final/"
         )
-    return path, f"path:{path.resolve()}"
+    return path, f"content:{artifacts.fingerprint(path)}"
+
+
+def data_fingerprints(task_cfg, splits) -> dict[str, str]:
+    """Content fingerprints of the local data files a stage reads (task.splits), so a file
+    rewritten at the same path reruns the stages that read it. Hub names are taken as they are."""
+    sources = task_cfg.get("splits") or {}
+    found = {split: Path(str(sources[split])).expanduser() for split in splits if sources.get(split)}
+    return {split: artifacts.fingerprint(path) for split, path in found.items() if path.exists()}
 
 
 def prepare_stage_dir(plan: StagePlan, stage_dir: Path, force: bool) -> tuple[str, Path | None]:
     """Decide what to do with a stage dir, reading only, so every rank decides the same:
     "skip" (completed, same config), "resume" (interrupted, same config, has a checkpoint),
-    "start" (nothing worth keeping) or "replace" (other config or forced: move the old aside)."""
+    "start" (nothing worth keeping), "replace" (other config or forced: move the old aside) or
+    "finish" (killed after its final/ was committed: record the metrics saved with it)."""
     manifest = artifacts.read_manifest(stage_dir)
     if manifest is None:
         return "start", None
@@ -198,6 +208,9 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, force: bool) -> tuple[st
     completed = manifest.get("status") == "completed" and has_final
     if completed:
         return ("replace", None) if force else ("skip", None)
+    record = artifacts.final_record(stage_dir)
+    if record is not None and record.get("config_hash") == plan.config_hash and "metrics" in record:
+        return "finish", None
     checkpoint = artifacts.find_resume_checkpoint(stage_dir)
     return ("resume", checkpoint) if checkpoint is not None else ("start", None)
 
@@ -240,10 +253,18 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
     if action == "skip":
         log(f"stage {plan.name}: already completed with config {plan.config_hash}, skipping")
         return artifacts.read_metrics(stage_dir) or {}
+    if action == "finish":
+        return finish_committed_stage(plan, run_dir)
     if distributed.is_main_process():
         if action == "replace":
             moved = artifacts.archive_stage_dir(stage_dir, "superseded")
             log(f"stage {plan.name}: config changed (or forced); previous results moved to {moved}")
+        unusable = artifacts.scan_checkpoints(stage_dir)[1]
+        for bad, problem in unusable:  # never resumed from, and out of the way of the next saves
+            moved = artifacts.move_to_superseded(bad, run_dir, f"{plan.name}-{bad.name}-unusable")
+            log(f"stage {plan.name}: warning: {bad.name} is unusable ({problem}); moved to {moved}")
+        if unusable and checkpoint is None:
+            log(f"stage {plan.name}: no checkpoint of the interrupted run verifies; starting the stage from the beginning")
         stage_dir.mkdir(parents=True, exist_ok=True)
         manifest = {
             "stage": plan.name,
@@ -279,6 +300,9 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
         raise
     wall = time.perf_counter() - start
     if distributed.is_main_process():
+        # final/ (with its metrics) first, then metrics.json, then the manifest: a kill between
+        # any two is finished by the next invocation without training again (action "finish")
+        artifacts.commit_final(stage_dir, {"stage": plan.name, "config_hash": plan.config_hash, "metrics": metrics})
         artifacts.write_metrics(stage_dir, metrics)
         manifest.update(status="completed", ended=artifacts.now(), wall_time_s=round(wall, 1))
         artifacts.write_manifest(stage_dir, manifest)
@@ -286,4 +310,20 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
     distributed.barrier()
     headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))
     log(f"stage {plan.name}: completed in {wall:.0f}s; {headline}")
+    return metrics
+
+
+def finish_committed_stage(plan: StagePlan, run_dir: Path) -> dict:
+    """A stage killed after its final/ was committed: write the metrics saved with it and mark
+    it completed, without training again."""
+    stage_dir = run_dir / plan.name
+    metrics = artifacts.final_record(stage_dir)["metrics"]
+    if distributed.is_main_process():
+        artifacts.write_metrics(stage_dir, metrics)
+        manifest = artifacts.read_manifest(stage_dir) or {"stage": plan.name, "config_hash": plan.config_hash}
+        manifest.update(status="completed", ended=artifacts.now(), recovered="final/ was complete; metrics from final/")
+        artifacts.write_manifest(stage_dir, manifest)
+        write_report(run_dir, STAGE_ORDER)
+    distributed.barrier()
+    log(f"stage {plan.name}: its final/ was complete when the last run stopped; recorded it as completed, no training")
     return metrics

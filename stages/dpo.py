@@ -32,6 +32,7 @@ from pipeline.models import (
 )
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
+from pipeline.resume import ExactResume
 from pipeline.runner import ConfigError, log
 from pipeline.tasks import conversational_pairs
 
@@ -168,10 +169,14 @@ def drop_appended_eos(dataset: Dataset, eos_token_id: int) -> Dataset:
     return dataset.map(strip)
 
 
+class StageDPOTrainer(ExactResume, DPOTrainer):
+    pass
+
+
 def build_trainer(model, tokenizer, train_data, eval_data, args: DPOConfig, peft_config, optim_cfg) -> DPOTrainer:
     """TRL's DPOTrainer with the reference left to TRL (a frozen copy, or the adapter disabled).
     Plain-text training rows lose the EOS token TRL appends to them (drop_appended_eos)."""
-    trainer = DPOTrainer(
+    trainer = StageDPOTrainer(
         model=model, ref_model=None, args=args, train_dataset=train_data, eval_dataset=eval_data,
         processing_class=tokenizer, peft_config=peft_config,
     )

@@ -39,6 +39,7 @@ from pipeline.models import (
 )
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import plot_curves
+from pipeline.resume import ExactResume
 from pipeline.reward_model import RewardScorer
 from pipeline.runner import ConfigError, completed_manifest, log
 from pipeline.scaling import fit_scaling, plot_scaling
@@ -155,7 +156,7 @@ def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     if float(stage.reward_weights.get("reward_model", 0.0)) == 0.0:
         return None
     if str(stage.reward_model) != AUTO:
-        return f"path:{Path(str(stage.reward_model)).expanduser().resolve()}"
+        return f"content:{artifacts.fingerprint(Path(str(stage.reward_model)).expanduser())}"
     if REWARD_STAGE in planned:
         return f"reward:{planned[REWARD_STAGE]}"
     manifest = completed_manifest(run_dir, REWARD_STAGE)

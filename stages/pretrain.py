@@ -21,6 +21,7 @@ from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
 from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
+from pipeline.resume import ExactResume
 from pipeline.tokenizer import stop_token_ids, train_tokenizer
 
 SPLITS = ("pretrain", "eval")
@@ -37,7 +38,7 @@ def pack(tokenizer, texts: list[str], seq_len: int) -> Dataset:
     return Dataset.from_dict({"input_ids": [flat[i * seq_len : (i + 1) * seq_len] for i in range(n_blocks)]})
 
 
-class LMTrainer(Trainer):
+class LMTrainer(ExactResume, Trainer):
     def evaluate(self, *args, **kwargs):
         with router_logits_off(self.model):  # report the LM loss alone, not LM + aux
             return super().evaluate(*args, **kwargs)

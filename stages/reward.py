@@ -24,6 +24,7 @@ from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.models import check_trainable_input, count_parameters, save_policy, set_router_aux_loss
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
+from pipeline.resume import ExactResume
 from pipeline.reward_model import score
 from pipeline.runner import ConfigError
 from pipeline.tasks import conversational_pairs
@@ -50,6 +51,10 @@ def validate(cfg, input_path: Path | None) -> None:
     if input_path is not None:
         check_trainable_input(input_path, "reward", bool(cfg.model.trust_remote_code))
 
+
+
+class StageRewardTrainer(ExactResume, RewardTrainer):
+    pass
 
 
 def pairwise_scores(model, tokenizer, pairs: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +102,7 @@ def run(ctx) -> dict[str, float]:
         dataloader_pin_memory=torch.cuda.is_available(),
         **trainer_kwargs(ctx.cfg.optim, lr),
     )
-    trainer = RewardTrainer(
+    trainer = StageRewardTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
         peft_config=build_peft_config(ctx.cfg.peft, model, task_type="SEQ_CLS"),
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(ctx.cfg.optim, args.learning_rate),

@@ -32,6 +32,7 @@ from pipeline.models import (
 )
 from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
+from pipeline.resume import ExactResume
 from pipeline.runner import ConfigError
 
 SPLITS = ("sft", "eval")
@@ -123,7 +124,7 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -
     )
 
 
-class StageSFTTrainer(SFTTrainer):
+class StageSFTTrainer(ExactResume, SFTTrainer):
     def evaluate(self, *args, **kwargs):
         """Report the LM loss alone, not LM + router aux loss (as pretrain does)."""
         aux_loss_enabled, self.aux_loss_enabled = self.aux_loss_enabled, False

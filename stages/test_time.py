@@ -82,7 +82,7 @@ def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     if "best_of_n" not in stage.methods:
         return None
     if str(stage.reward_model) != "auto":
-        return f"path:{Path(str(stage.reward_model)).expanduser().resolve()}"
+        return f"content:{artifacts.fingerprint(Path(str(stage.reward_model)).expanduser())}"
     if "reward" in planned:
         return f"reward:{planned['reward']}"
     manifest = completed_manifest(run_dir, "reward")

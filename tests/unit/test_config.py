@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from pipeline import artifacts
 from pipeline.runner import ConfigError, StagePlan, plan_stages, prepare_stage_dir
 from tests.conftest import CONF, compose_config, run_cli
+from tests.unit.test_artifacts import make_checkpoint
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("accelerate", "deepspeed"))
 
@@ -65,14 +66,16 @@ def test_cli_errors_are_clear_and_fast(tmp_path):
 
 
 def write_stage(stage_dir: Path, config_hash: str, status: str, final=True, checkpoints=()):
+    """final: True (a final/), False (none) or the config hash recorded in final/ by commit_final."""
     stage_dir.mkdir(parents=True)
     artifacts.write_manifest(stage_dir, {"status": status, "config_hash": config_hash})
     if final:
         (stage_dir / "final").mkdir()
         (stage_dir / "final" / "config.json").write_text("{}")
+    if isinstance(final, str):
+        artifacts.write_json_atomic(stage_dir / "final" / artifacts.FINAL_RECORD, {"config_hash": final, "metrics": {}})
     for step in checkpoints:
-        (stage_dir / f"checkpoint-{step}").mkdir()
-        (stage_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        make_checkpoint(stage_dir, step)
 
 
 @pytest.mark.parametrize(
@@ -86,6 +89,11 @@ def write_stage(stage_dir: Path, config_hash: str, status: str, final=True, chec
         ("failed", "h1", False, (10,), False, ("resume", "checkpoint-10")),
         ("running", "h0", False, (10,), False, ("replace", None)),  # never resume another config
         ("running", "h1", False, (), False, ("start", None)),
+        # killed after final/ was committed: record it, do not train again
+        ("running", "h1", "h1", (10, 20), False, ("finish", None)),
+        ("failed", "h1", "h1", (), False, ("finish", None)),
+        ("running", "h1", "h0", (10,), False, ("resume", "checkpoint-10")),  # a final/ of another config
+        ("running", "h1", True, (10,), False, ("resume", "checkpoint-10")),  # a final/ with no record
     ],
 )
 def test_skip_resume_decisions(tmp_path, status, stored_hash, final, checkpoints, force, expected):
