@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline import artifacts
-from tests.conftest import ROOT, SMOKE_CHAIN, run_cli
+from tests.conftest import ROOT, run_cli
 
 # (stage, its save_steps in the killed runs, the checkpoint after which it is killed)
 MOE_KILLS = [("pretrain", 5, 10), ("sft", 5, 10), ("reward", 5, 5), ("dpo", 5, 10), ("grpo", 2, 2)]
