@@ -253,7 +253,7 @@ def zero_variance_weights(rewards: torch.Tensor, num_generations: int, weight: f
     return per_group.to(rewards.device).repeat_interleave(num_generations)
 
 
-class StageGRPOTrainer(GRPOTrainer):
+class StageGRPOTrainer(ExactResume, GRPOTrainer):
     """TRL's GRPOTrainer plus: zero-variance group weighting, router logits off while
     generating, and timers for the generation share of each step."""
 
