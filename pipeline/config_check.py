@@ -5,8 +5,10 @@ One table, RULES, says what each key may hold, by key name; a "<stage>.<key>" en
 the plain "<key>" one for that stage. Only the stages in run.stages are checked, so a key of a
 stage the run leaves out never blocks it; the groups (model, task, optim, peft) always are.
 Choices that belong to one recipe (dpo's loss types, test_time's methods, ...) stay in that
-recipe's validate(); here a key only has to have the right type and range. A key with no rule
-is not checked (tests/unit/test_bad_inputs.py holds every shipped key to having one).
+recipe's validate(), and so do the ranges a recipe checks with its reason (grpo's
+num_generations >= 2: "a group needs at least 2"); for those the table holds the type only, so
+the recipe's comparison never meets a string. A key with no rule is not checked
+(tests/unit/test_bad_inputs.py holds every shipped key to having one).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ FRACTION = Rule("number", low=0, high=1, high_open=True)  # [0, 1)
 PROBABILITY = Rule("number", low=0, high=1)  # [0, 1]
 LR = Rule("number", low=0, low_open=True, null="falls back to peft.lr, then optim.lr")
 BOOL, TEXT, TEXTS, REGEX, ANY = Rule("bool"), Rule("text"), Rule("texts"), Rule("regex"), Rule("any")
+INT, NUMBER = Rule("int"), Rule("number")
 PATH = Rule("text", null="not set")
 SEED = Rule("int", low=0, high=SEED_MAX)
 
@@ -124,23 +127,25 @@ RULES: dict[str, Rule] = {
     "save_total_limit": Rule("int", low=1, null="keep every checkpoint"),
     "eval_problems": COUNT, "eval_batch_size": COUNT, "eval_examples": COUNT, "eval_pairs": COUNT,
     "max_new_tokens": COUNT, "tokenizer_vocab_size": COUNT, "pair_prompts": COUNT, "samples_per_prompt": COUNT,
-    "num_generations": Rule("int", low=2), "num_iterations": COUNT, "eval_every": COUNT, "curve_problems": COUNT,
-    "block_size": COUNT, "num_samples": COUNT, "filter_samples": COUNT_OR_ZERO, "mcmc_steps": COUNT_OR_ZERO,
+    "num_iterations": COUNT, "eval_every": COUNT, "curve_problems": COUNT,
+    "block_size": COUNT, "num_samples": COUNT, "mcmc_steps": COUNT_OR_ZERO,
     "lr": LR, "adam_epsilon": Rule("number", low=0, low_open=True, null="falls back to optim.eps"),
     "gradient_checkpointing": BOOL, "packing": BOOL, "step_level": BOOL, "mask_truncated_completions": BOOL,
     "use_vllm": BOOL, "train_only": TEXTS, "freeze": TEXTS, "methods": TEXTS,
     "sample_temperature": POSITIVE, "temperature": POSITIVE, "curve_temperature": POSITIVE,
-    "pretrain_mix": FRACTION, "scaling_warmup_fraction": FRACTION, "filter_max_pass_rate": FRACTION,
     "zero_variance_weight": PROBABILITY,
     "pairs": TEXT, "loss_type": Rule("names"), "loss_weights": Rule("numbers", null="every loss weighs 1"),
     "label_smoothing": Rule("number", low=0, high=0.5),
-    "epsilon": POSITIVE, "epsilon_high": POSITIVE, "entropy_coef": Rule("number"),
+    "epsilon": POSITIVE, "epsilon_high": POSITIVE, "entropy_coef": NUMBER,
     "scale_rewards": TEXT, "zero_variance": TEXT, "vllm_mode": Rule("choice", choices=("colocate", "server")),
-    "reward_weights": Rule("mapping"), "format_pattern": REGEX, "reward_model": TEXT,
+    "reward_weights": Rule("mapping"), "reward_model": TEXT,
     "router_aux_loss_coef": Rule("number", low=0, null="the model config's coefficient"),
     "center_rewards_coefficient": Rule("number", low=0, null="no centring"),
     "alpha": Rule("number", low=1),
-    "dpo.beta": POSITIVE, "grpo.beta": NON_NEGATIVE,
+    # the type only: the recipe's validate() checks the range and says why
+    "dpo.beta": NUMBER, "grpo.beta": NUMBER, "grpo.num_generations": INT, "grpo.filter_samples": INT,
+    "grpo.filter_max_pass_rate": NUMBER, "grpo.scaling_warmup_fraction": NUMBER, "grpo.format_pattern": TEXT,
+    "sft.pretrain_mix": NUMBER,
     # --- model
     "model.arch": Rule("text", null="read from model.path"), "model.path": Rule("text", null="build from model.config"),
     "model.trust_remote_code": BOOL, "model.config": ANY,

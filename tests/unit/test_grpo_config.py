@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from pipeline.runner import ConfigError, plan_stages
 from pipeline.tokenizer import train_tokenizer
@@ -17,6 +19,7 @@ def checkpoint(path: Path, adapter: bool = False) -> Path:
     # a small MoE, as the demo preset's train_only scope expects (checked on the meta device)
     (path / "config.json").write_text('{"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 64, '
                                       '"num_experts": 4, "moe_intermediate_size": 32, "vocab_size": 300}')
+    save_file({"stand_in": torch.zeros(1)}, str(path / "model.safetensors"))  # weights are checked: an intact file
     if adapter:
         (path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
     train_tokenizer(TEXTS, 300).save_pretrained(path)

@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 from peft import PromptTuningConfig
 
 from pipeline.runner import ConfigError, plan_stages
@@ -17,6 +19,7 @@ def checkpoint(tmp_path: Path, tokenizer: bool = True, chat_template: bool = Tru
     path = tmp_path / "model"
     path.mkdir()
     (path / "config.json").write_text('{"model_type": "qwen3"}')
+    save_file({"stand_in": torch.zeros(1)}, str(path / "model.safetensors"))  # weights are checked: an intact file
     if tokenizer:
         tok = train_tokenizer(TEXTS, 300)
         if not chat_template:
