@@ -288,6 +288,14 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
     set_seed(int(cfg.seed))
     try:
         metrics = plan.module.run(ctx)
+        wall = time.perf_counter() - start
+        if distributed.is_main_process():
+            # final/ (with its metrics) first, then metrics.json, then the manifest: a kill between
+            # any two is finished by the next invocation without training again (action "finish")
+            artifacts.commit_final(stage_dir, {"stage": plan.name, "config_hash": plan.config_hash, "metrics": metrics})
+            artifacts.write_metrics(stage_dir, metrics)
+            manifest.update(status="completed", ended=artifacts.now(), wall_time_s=round(wall, 1))
+            artifacts.write_manifest(stage_dir, manifest)
     except BaseException as err:
         if distributed.is_main_process():
             status = "preempted" if isinstance(err, preemption.Preempted) else "failed"
@@ -298,14 +306,7 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
                 log(f"stage {plan.name}: could not record status {status} in {stage_dir / artifacts.MANIFEST}, which "
                     f"still says running ({type(write_err).__name__}: {write_err}); the stage failed with: {manifest['error']}")
         raise
-    wall = time.perf_counter() - start
     if distributed.is_main_process():
-        # final/ (with its metrics) first, then metrics.json, then the manifest: a kill between
-        # any two is finished by the next invocation without training again (action "finish")
-        artifacts.commit_final(stage_dir, {"stage": plan.name, "config_hash": plan.config_hash, "metrics": metrics})
-        artifacts.write_metrics(stage_dir, metrics)
-        manifest.update(status="completed", ended=artifacts.now(), wall_time_s=round(wall, 1))
-        artifacts.write_manifest(stage_dir, manifest)
         write_report(run_dir, STAGE_ORDER)
     distributed.barrier()
     headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))

@@ -26,11 +26,15 @@ from tests.conftest import ROOT, run_cli
 MOE_KILLS = [("pretrain", 5, 10), ("sft", 5, 10), ("reward", 5, 5), ("dpo", 5, 10), ("grpo", 2, 2)]
 
 
-def run_until_checkpoint(args: list[str], stage_dir: Path, step: int, timeout: float = 300) -> None:
-    """Start `python -m pipeline args`, SIGKILL its whole process group as soon as
-    stage_dir/checkpoint-<step> is complete on disk, and check the stage was cut mid-way."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+PIPELINE = [sys.executable, "-m", "pipeline"]
+
+
+def run_until_checkpoint(args: list[str], stage_dir: Path, step: int, timeout: float = 300, command=PIPELINE,
+                         env: dict | None = None) -> None:
+    """Start `python -m pipeline args` (or `command args`), SIGKILL its whole process group as
+    soon as stage_dir/checkpoint-<step> is complete on disk, and check the stage was cut mid-way."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while not (stage_dir / f"checkpoint-{step}" / "trainer_state.json").exists():
