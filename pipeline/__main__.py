@@ -58,12 +58,13 @@ def name_bad_override(args: list[str]) -> None:
     """Hydra's parse error quotes only the bad fragment ("no viable alternative at input '[1,'");
     say which argument it was."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
     for arg in (a for a in args if not a.startswith("-")):
         try:
             parser.parse_overrides([arg])
-        except Exception:
+        except OverrideParseException:
             print(f"error: cannot parse the override {arg!r} (Hydra's message above); quote a value with "
                   "special characters, e.g. 'key=\"a,b\"'", file=sys.stderr)
             return

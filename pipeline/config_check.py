@@ -14,12 +14,14 @@ the recipe's comparison never meets a string. A key with no rule is not checked
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pipeline import artifacts
 from pipeline.errors import ConfigError
 
 SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers.set_seed feeds
@@ -90,7 +92,7 @@ def is_int(value) -> bool:
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def compiles(pattern: str) -> bool:
@@ -296,26 +298,13 @@ def check_weights(path: Path, key: str) -> None:
 
 def check_safetensors(file: Path, key: str) -> None:
     """The file exists, its header parses and the tensor data it describes fills the file exactly
-    (a truncated copy, or one still being written, does not)."""
+    (a truncated copy, or one still being written, does not): the checkpoint verification's test."""
     fix = "copy it again, or re-save the model with save_pretrained"
     if not file.is_file():
         raise ConfigError(f"{key}: weights file {file} is missing; {fix}")
-    size = file.stat().st_size
     try:
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
-            header_len = int.from_bytes(head, "little")
-            if header_len > size - 8:
-                raise ValueError(f"the header claims {header_len} bytes, the file has {size}")
-            header = json.loads(f.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError) as err:  # json errors are ValueErrors
-        raise ConfigError(f"{key}: weights file {file} is not a readable safetensors file ({err}); {fix}") from err
-    expected = 8 + header_len + max(ends, default=0)
-    if expected != size:
-        raise ConfigError(f"{key}: weights file {file} is {size} bytes, its header describes {expected} "
-                          f"(truncated or not fully copied); {fix}")
+        problem = artifacts.safetensors_problem(file)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:  # JSON, but not a safetensors header
+        problem = f"its header is not a safetensors header ({type(err).__name__}: {err})"
+    if problem:
+        raise ConfigError(f"{key}: weights file {file} is not a readable safetensors file: {problem}; {fix}")
