@@ -143,9 +143,8 @@ RULES: dict[str, Rule] = {
     "reward_weights": Rule("mapping"), "reward_model": TEXT,
     "router_aux_loss_coef": Rule("number", low=0, null="the model config's coefficient"),
     "center_rewards_coefficient": Rule("number", low=0, null="no centring"),
-    "alpha": Rule("number", low=1),
     # the type only: the recipe's validate() checks the range and says why
-    "dpo.beta": NUMBER, "grpo.beta": NUMBER, "grpo.num_generations": INT, "grpo.filter_samples": INT,
+    "test_time.alpha": NUMBER, "dpo.beta": NUMBER, "grpo.beta": NUMBER, "grpo.num_generations": INT, "grpo.filter_samples": INT,
     "grpo.filter_max_pass_rate": NUMBER, "grpo.scaling_warmup_fraction": NUMBER, "grpo.format_pattern": TEXT,
     "sft.pretrain_mix": NUMBER,
     # --- model

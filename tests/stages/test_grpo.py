@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from pipeline import artifacts
 from pipeline.adapters import build_peft_config
 from pipeline.models import load_model, save_policy
 from pipeline.tasks import build_task
@@ -100,8 +101,9 @@ def test_policy_moves_and_reference_does_not(chain, tmp_path, peft):
     assert base.keys() == untouched.keys()
     assert all(torch.equal(base[k], untouched[k]) for k in untouched)
     # hand-off: the merged model in final/, the adapter in final/adapter/
-    handed_off = save_policy(trainer, tokenizer, tmp_path)
-    assert (tmp_path / "final" / "config.json").is_file() and (tmp_path / "final" / "adapter" / "adapter_config.json").is_file()
+    handed_off = save_policy(trainer, tokenizer, tmp_path)  # into the pending final/ the runner commits
+    pending = tmp_path / artifacts.PENDING_FINAL
+    assert (pending / "config.json").is_file() and (pending / "adapter" / "adapter_config.json").is_file()
     assert not isinstance(handed_off, type(trainer.model))
 
 
