@@ -39,12 +39,10 @@ def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str) -> None:
             f"{checkpoint} does not hold this model's weights ({detail}); resuming would train from partly "
             "initial weights. Move the stage directory aside (or run.force=true) to start the stage again"
         )
-    state = saved.state_dict()
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(saved.state_dict(), strict=False)
     if result.missing_keys or result.unexpected_keys:  # names that from_pretrained tied or renamed
         raise ResumeError(f"{checkpoint}: after loading, missing {result.missing_keys[:6]}, "
                           f"unexpected {result.unexpected_keys[:6]}")
-    del saved, state
 
 
 class ExactResume:
