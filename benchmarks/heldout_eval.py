@@ -47,6 +47,17 @@ def per_problem_scores(model, tokenizer, task, problems: list[dict], temperature
     return [sum(task.verify(t, p["answer"]) for t in row) / len(row) for row, p in zip(result.completions, problems)]
 
 
+def score_policy(path: str | Path, task, problems: list[dict], samples: int, seed: int = 0, max_new_tokens: int = 72,
+                 batch_size: int = 128) -> dict[str, list[float]]:
+    """Per-problem scores of the policy at PATH: {"greedy": [...], "sampled": [...]}."""
+    model, tokenizer = load_model(str(path)), load_chat_tokenizer(path)
+    options = {"seed": seed, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    return {
+        "greedy": per_problem_scores(model, tokenizer, task, problems, 0.0, 1, **options),
+        "sampled": per_problem_scores(model, tokenizer, task, problems, 1.0, samples, **options),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", type=Path, required=True, help="a run's config.yaml (its task section is used)")
@@ -70,12 +81,7 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     for name, path in named:
         start = time.perf_counter()
-        model, tokenizer = load_model(path), load_chat_tokenizer(path)
-        options = dict(seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        results[name] = {
-            "greedy": per_problem_scores(model, tokenizer, task, problems, 0.0, 1, **options),
-            "sampled": per_problem_scores(model, tokenizer, task, problems, 1.0, args.samples, **options),
-        }
+        results[name] = score_policy(path, task, problems, args.samples, args.seed, args.max_new_tokens, args.batch_size)
         line = [f"{name:>10}"]
         for mode, scores in results[name].items():
             mean, se = mean_and_se(scores)
