@@ -141,6 +141,7 @@ RULES: dict[str, Rule] = {
     "epsilon": POSITIVE, "epsilon_high": POSITIVE, "entropy_coef": NUMBER,
     "scale_rewards": TEXT, "zero_variance": TEXT, "vllm_mode": Rule("choice", choices=("colocate", "server")),
     "reward_weights": Rule("mapping"), "reward_model": TEXT,
+    "optim": Rule("any", null="the optim group as is"),  # a stage's optim overrides: checked merged over the optim group below
     "router_aux_loss_coef": Rule("number", low=0, null="the model config's coefficient"),
     "center_rewards_coefficient": Rule("number", low=0, null="no centring"),
     # the type only: the recipe's validate() checks the range and says why
@@ -163,6 +164,8 @@ RULES: dict[str, Rule] = {
     # --- task (arithmetic)
     "task.name": TEXT, "task.seed": SEED, "task.min_operands": Rule("int", low=2), "task.max_operands": Rule("int", low=2),
     "task.digits": Rule("int", low=1, high=6), "task.ops": TEXT,
+    "task.pretrain_max_operands": Rule("int", low=2, null="the same operands as every split"),
+    "task.sft_slip_rate": Rule("number", low=0.0, high=0.99),
     "task.n_pretrain": COUNT, "task.n_sft": COUNT, "task.n_preference": COUNT, "task.n_rl": COUNT, "task.n_eval": COUNT,
     # --- task (jsonl)
     "task.splits": Rule("any"), "task.hf_split": TEXT, "task.columns": Rule("any"), "task.answer_pattern": REGEX,
@@ -197,6 +200,20 @@ def check_config(cfg: DictConfig) -> None:
                           f"{cfg.task.max_operands}; set min_operands <= max_operands")
     if any(s in TRAINING_STAGES for s in stages):
         check_optimizer_launch(cfg.optim)
+    for stage in stages:
+        if cfg.stages[stage].get("optim"):
+            if not isinstance(cfg.stages[stage].optim, DictConfig):
+                raise ConfigError(f"stages.{stage}.optim={cfg.stages[stage].optim}: must be a mapping of optim keys "
+                                  f"to override for this stage, e.g. {{name: muon, max_grad_norm: 0}}, or null")
+            from pipeline.optim import stage_optim
+
+            merged = stage_optim(cfg, stage)
+            unknown = sorted(set(merged) - {k.split(".", 1)[1] for k in RULES if k.startswith("optim.")})
+            if unknown:
+                raise ConfigError(f"stages.{stage}.optim.{unknown[0]}: not an optim key; valid: "
+                                  + ", ".join(sorted(k.split(".", 1)[1] for k in RULES if k.startswith("optim."))))
+            check_node(merged, "optim")
+            check_optimizer_launch(merged)
     check_model_files(cfg, stages)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from pipeline import distributed
@@ -24,6 +25,17 @@ from pipeline.muon import MuonSettings, build_optimizer
 
 VALID = ("adamw", "muon")
 DEEPSPEED_MUON_STAGES = (1, 2, 3)
+
+
+def stage_optim(cfg, stage: str):
+    """The optim group as one stage sees it: `stages.<stage>.optim` (a mapping, e.g.
+    {name: muon, max_grad_norm: 0}) merged over the `optim` group; null leaves the group as is."""
+    override = cfg.stages[stage].get("optim")
+    if not override:
+        return cfg.optim
+    merged = OmegaConf.merge(OmegaConf.to_container(cfg.optim, resolve=True), OmegaConf.to_container(override, resolve=True))
+    OmegaConf.set_readonly(merged, True)
+    return merged
 
 
 def trainer_kwargs(optim_cfg, lr: float | None = None) -> dict:
@@ -61,12 +73,13 @@ def muon_settings(optim_cfg, lr: float | None = None) -> MuonSettings:
     lr = float(lr if lr is not None else optim_cfg.lr)
     return MuonSettings(
         lr=lr,
-        muon_lr=float(optim_cfg.muon_lr) if optim_cfg.muon_lr is not None else lr,
+        muon_lr=float(optim_cfg.muon_lr) if optim_cfg.get("muon_lr") is not None else lr,
         weight_decay=float(optim_cfg.weight_decay),
         betas=tuple(float(b) for b in optim_cfg.betas),
         eps=float(optim_cfg.eps),
-        momentum=float(optim_cfg.momentum),
-        adjust_lr=str(optim_cfg.adjust_lr),
+        # a stage that switches to muon over an adamw group (stages.<stage>.optim) gets muon.yaml's defaults
+        momentum=float(optim_cfg.get("momentum", 0.95)),
+        adjust_lr=str(optim_cfg.get("adjust_lr", "match_rms_adamw")),
     )
 
 

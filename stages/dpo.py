@@ -30,7 +30,7 @@ from pipeline.models import (
     check_trainable_input, check_trainable_scope, count_parameters, load_model, restrict_trainable, save_policy,
     set_router_aux_loss,
 )
-from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.runner import ConfigError, log
@@ -217,8 +217,8 @@ def run(ctx) -> dict[str, float]:
                                "samples_per_prompt or sample_temperature, or use stages.dpo.pairs=task")
         train_data = Dataset.from_list(first_step_pairs(pairs, tokenizer)) if cfg.step_level else conversational_pairs(pairs, 0)[0]
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
-    args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
-    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.cfg.optim)
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
+    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, stage_optim(ctx.cfg, ctx.name))
     before = implicit_rewards(trainer, train_probe, "train_probe_before")
     train_output = preemption.train(trainer, ctx)
     after = {**implicit_rewards(trainer, train_probe, "train_probe"), **implicit_rewards(trainer, eval_data, "eval")}

@@ -37,7 +37,7 @@ from pipeline.models import (
     check_trainable_input, check_trainable_scope, count_parameters, load_model, restrict_trainable, router_logits_off,
     save_policy, set_router_aux_loss,
 )
-from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import plot_curves
 from pipeline.resume import ExactResume
 from pipeline.reward_model import RewardScorer
@@ -515,9 +515,9 @@ def run(ctx) -> dict[str, float]:
     restrict_trainable(model, cfg, "grpo")
     peft_config = build_peft_config(ctx.cfg.peft, model)
     rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust)
-    args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1])
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1])
     train_data, filter_metrics = selected_prompts(model, tokenizer, ctx.task, cfg, ctx.cfg.seed, ctx.stage_dir)
-    trainer = build_trainer(model, tokenizer, train_data, args, rewards, cfg, peft_config, ctx.cfg.optim)
+    trainer = build_trainer(model, tokenizer, train_data, args, rewards, cfg, peft_config, stage_optim(ctx.cfg, ctx.name))
 
     eval_options = dict(prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     curve_problems = ctx.task.eval_problems()[: cfg.curve_problems]

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer
 from pipeline import artifacts, distributed, preemption
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
-from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs, trainer_kwargs
+from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tokenizer import stop_token_ids, train_tokenizer
@@ -110,7 +110,7 @@ def run(ctx) -> dict[str, float]:
         report_to=[],
         seed=ctx.cfg.seed,
         dataloader_pin_memory=torch.cuda.is_available(),
-        **trainer_kwargs(ctx.cfg.optim, cfg.lr),
+        **trainer_kwargs(stage_optim(ctx.cfg, ctx.name), cfg.lr),
     )
     trainer = LMTrainer(
         model=model,
@@ -120,7 +120,7 @@ def run(ctx) -> dict[str, float]:
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
         callbacks=[throughput, optimizer_state],
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(ctx.cfg.optim, cfg.lr),
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(stage_optim(ctx.cfg, ctx.name), cfg.lr),
     )
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()

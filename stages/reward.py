@@ -22,7 +22,7 @@ from trl import RewardConfig, RewardTrainer
 from pipeline import distributed, preemption
 from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.models import check_trainable_input, count_parameters, save_policy, set_router_aux_loss
-from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.reward_model import score
@@ -100,12 +100,12 @@ def run(ctx) -> dict[str, float]:
         seed=ctx.cfg.seed,
         bf16=False,
         dataloader_pin_memory=torch.cuda.is_available(),
-        **trainer_kwargs(ctx.cfg.optim, lr),
+        **trainer_kwargs(stage_optim(ctx.cfg, ctx.name), lr),
     )
     trainer = StageRewardTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
         peft_config=build_peft_config(ctx.cfg.peft, model, task_type="SEQ_CLS"),
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(ctx.cfg.optim, args.learning_rate),
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(stage_optim(ctx.cfg, ctx.name), args.learning_rate),
     )
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()

@@ -30,7 +30,7 @@ from pipeline.evaluate import evaluate_policy
 from pipeline.models import (
     check_trainable_input, count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
 )
-from pipeline.optim import optimizer_cls_and_kwargs, trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.runner import ConfigError
@@ -158,8 +158,8 @@ def run(ctx) -> dict[str, float]:
     peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, True)
     train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.cfg.seed)
-    args = training_args(cfg, ctx.cfg.optim, ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
-    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.cfg.optim)
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
+    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, stage_optim(ctx.cfg, ctx.name))
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
 

@@ -112,12 +112,22 @@ class ArithmeticTask(Task):
         self.cfg = cfg
         sizes = {s: int(cfg[f"n_{s}"]) for s in ("eval", "pretrain", "sft", "preference", "rl")}
         self._shape = (int(cfg.min_operands), int(cfg.max_operands), int(cfg.digits), str(cfg.ops))
+        # the pretraining corpus may cover fewer operands than the other splits (null: the same)
+        pretrain_max = cfg.get("pretrain_max_operands")
+        pretrain_max = int(cfg.max_operands) if pretrain_max is None else int(pretrain_max)
+        if not int(cfg.min_operands) <= pretrain_max <= int(cfg.max_operands):
+            raise ValueError(f"task.pretrain_max_operands={pretrain_max} must lie in "
+                             f"[min_operands, max_operands] = [{cfg.min_operands}, {cfg.max_operands}]")
+        self.slip_rate = float(cfg.get("sft_slip_rate") or 0.0)
+        if not 0.0 <= self.slip_rate < 1.0:
+            raise ValueError(f"task.sft_slip_rate={self.slip_rate} must lie in [0, 1)")
+        shapes = {"pretrain": (self._shape[0], pretrain_max, *self._shape[2:])}
         rng = random.Random(cfg.seed)
         self._seen: set[str] = set()
         # eval first, so changing a training size never changes the held-out problems
-        self._splits = {split: self._draw(rng, size, split) for split, size in sizes.items()}
+        self._splits = {split: self._draw(rng, size, split, shapes.get(split)) for split, size in sizes.items()}
 
-    def _draw(self, rng: random.Random, size: int, split: str) -> list[Problem]:
+    def _draw(self, rng: random.Random, size: int, split: str, shape: tuple | None = None) -> list[Problem]:
         """size problems none of the splits drawn so far has."""
         problems: list[Problem] = []
         attempts = 0
@@ -125,7 +135,7 @@ class ArithmeticTask(Task):
             attempts += 1
             if attempts > 20 * size + 1000:
                 raise ValueError(f"task: cannot draw {size} distinct '{split}' problems; raise digits or max_operands")
-            p = make_problem(rng, *self._shape)
+            p = make_problem(rng, *(shape or self._shape))
             if p.question not in self._seen:
                 self._seen.add(p.question)
                 problems.append(p)
@@ -152,7 +162,17 @@ class ArithmeticTask(Task):
         return [self.text_prompt(p.prompt) + p.solution() + "\n" for p in self._splits["eval"]]
 
     def sft_examples(self) -> list[dict]:
-        return [{"prompt": p.prompt, "completion": p.solution()} for p in self._splits["sft"]]
+        """The worked solutions of an imperfect teacher: a `sft_slip_rate` share of them (chosen by
+        task.seed) carry one slip, off by 1, 2 or 10, carried through to the answer ("carried" in
+        `corrupt`), as distilled data does. The slipped step varies, so the correct token stays
+        the most likely one everywhere: greedy decoding learns the right answer, sampling at
+        temperature 1 reproduces the slips, and a verifier reward (grpo) can remove them."""
+        rng = random.Random(f"{self.cfg.seed}/slips")
+        examples = []
+        for p in self._splits["sft"]:
+            slipped = self.slip_rate > 0 and rng.random() < self.slip_rate
+            examples.append({"prompt": p.prompt, "completion": corrupt(p, rng, "carried") if slipped else p.solution()})
+        return examples
 
     def preference_pairs(self) -> list[dict]:
         rng = random.Random(self.cfg.seed + 2)

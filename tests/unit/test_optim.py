@@ -100,3 +100,28 @@ def test_optimizer_state_bytes_counts_moments_through_wrappers():
 
     step_counter = 4  # AdamW keeps a float32 step tensor per parameter
     assert optimizer_state_bytes(Wrapper(Wrapper(adamw))) == 2 * 1000 * 4 + step_counter
+
+
+def test_stage_optim_merges_a_stage_override_over_the_group():
+    from pipeline.optim import stage_optim
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["stages.sft.optim={name:muon,lr:0.01}"])
+    assert stage_optim(cfg, "pretrain") is cfg.optim  # no override: the group itself
+    merged = stage_optim(cfg, "sft")
+    assert (merged.name, merged.lr, merged.weight_decay) == ("muon", 0.01, cfg.optim.weight_decay)
+    assert cfg.optim.name == "adamw"  # the group is untouched
+
+
+def test_a_stage_optim_override_is_checked_before_compute():
+    import pytest
+
+    from pipeline.config_check import check_config
+    from pipeline.errors import ConfigError
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigError, match=r"stages.sft.optim.nope: not an optim key"):
+        check_config(compose_config(["run.stages=[sft]", "stages.sft.optim={nope:1}"]))
+    with pytest.raises(ConfigError, match=r"optim.lr=-1"):
+        check_config(compose_config(["run.stages=[sft]", "stages.sft.optim={lr:-1}"]))
+    check_config(compose_config(["run.stages=[sft]", "stages.sft.optim={name:muon,max_grad_norm:0}"]))

@@ -122,3 +122,35 @@ def test_fresh_eval_problems_are_new_and_leave_the_splits_alone():
     assert all(task.verify(f"A: {p['answer']}", p["answer"]) == 1.0 for p in fresh)
     assert task.fresh_eval_problems(400) == fresh and task.fresh_eval_problems(400, seed=1) != fresh
     assert {s: task.problems(s) for s in before} == before
+
+
+def operand_count(question: str) -> int:
+    return len(re.findall(r"[+-]", question.rstrip("=?"))) + 1
+
+
+def test_pretrain_max_operands_narrows_the_pretraining_corpus_only():
+    task = arithmetic(min_operands=2, max_operands=4, pretrain_max_operands=3)
+    assert {operand_count(p.question) for p in task.problems("pretrain")} == {2, 3}
+    for split in ("sft", "rl", "eval", "preference"):
+        assert {operand_count(p.question) for p in task.problems(split)} == {2, 3, 4}, split
+    assert all(operand_count(t.split("\n")[0][3:]) <= 3 for t in task.pretrain_texts())
+    with pytest.raises(ValueError, match=r"task.pretrain_max_operands=5 must lie in \[min_operands, max_operands\]"):
+        arithmetic(max_operands=4, pretrain_max_operands=5)
+
+
+def test_sft_slip_rate_gives_that_share_of_wrong_but_consistent_solutions():
+    clean = arithmetic(n_sft=2000).sft_examples()
+    noisy_task = arithmetic(n_sft=2000, sft_slip_rate=0.25)
+    noisy = noisy_task.sft_examples()
+    assert [e["prompt"] for e in noisy] == [e["prompt"] for e in clean]
+    slipped = [(c, n) for c, n in zip(clean, noisy) if c["completion"] != n["completion"]]
+    assert 0.22 < len(slipped) / len(clean) < 0.28
+    for c, n in slipped:
+        # exactly one step's result is off, and the chain carries it: a wrong final answer
+        assert noisy_task.verify(n["completion"], str(extract_answer(c["completion"]))) == 0.0
+        wrong = [(a, b) for a, b in zip(c["completion"].split("\n"), n["completion"].split("\n")) if a != b]
+        first = wrong[0]
+        assert first[0].split("=")[0] == first[1].split("=")[0]  # the slipped step's operands are right
+    assert noisy == noisy_task.sft_examples()  # the same slips every time (seeded)
+    with pytest.raises(ValueError, match="sft_slip_rate"):
+        arithmetic(sft_slip_rate=1.0)
