@@ -9,6 +9,7 @@ stop at with an all-reduce, so no rank leaves a collective the others are still 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +64,27 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+class ProgressLine(TrainerCallback):
+    """One plain log line per tenth of the stage's steps, with its ETA, for logs where the
+    progress bar is unreadable (SLURM output files, `tee`)."""
+
+    def __init__(self, stage: str, every_fraction: float = 0.1) -> None:
+        self.stage, self.every_fraction = stage, every_fraction
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.perf_counter(), state.global_step
+        self.every = max(1, round(state.max_steps * self.every_fraction))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step - self.first_step
+        if not distributed.is_main_process() or done <= 0 or (state.global_step % self.every and state.global_step != state.max_steps):
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (state.max_steps - state.global_step)
+        print(f"[pipeline] {self.stage}: step {state.global_step}/{state.max_steps}, {elapsed:.0f}s elapsed, "
+              f"ETA {eta:.0f}s (training steps only)", flush=True)
+
+
 def train(trainer, ctx):
     """`trainer.train()` that resumes from the stage's checkpoint and raises Preempted when
     it stopped early on request (its checkpoint is saved by then). A resume from the checkpoint
@@ -72,6 +94,7 @@ def train(trainer, ctx):
     callback = PreemptionCallback(ctx.run_dir)
     trainer.add_callback(callback)
     trainer.add_callback(StopAtMaxSteps())
+    trainer.add_callback(ProgressLine(ctx.name))
     try:
         output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
     except TrainingAlreadyComplete:

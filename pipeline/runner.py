@@ -238,7 +238,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
         log(f"run dir {run_dir}; stages: {' -> '.join(p.name for p in plans)}")
 
         results: dict[str, dict] = {}
-        for plan in plans:
+        for number, plan in enumerate(plans, 1):
+            log(f"stage {number}/{len(plans)}: {plan.name}")
             results[plan.name] = run_stage(cfg, plan, run_dir, task)
         return results
     finally:
