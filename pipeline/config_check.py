@@ -127,7 +127,7 @@ RULES: dict[str, Rule] = {
     "max_steps": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "seq_len": COUNT, "max_length": COUNT,
     "save_steps": COUNT, "eval_steps": COUNT, "logging_steps": COUNT,
     "save_total_limit": Rule("int", low=1, null="keep every checkpoint"),
-    "eval_problems": COUNT, "eval_batch_size": COUNT, "eval_examples": COUNT, "eval_pairs": COUNT,
+    "eval_problems": COUNT, "eval_samples": COUNT, "eval_batch_size": COUNT, "eval_examples": COUNT, "eval_pairs": COUNT,
     "max_new_tokens": COUNT, "tokenizer_vocab_size": COUNT, "pair_prompts": COUNT, "samples_per_prompt": COUNT,
     "num_iterations": COUNT, "eval_every": COUNT, "curve_problems": COUNT,
     "block_size": COUNT, "num_samples": COUNT, "mcmc_steps": COUNT_OR_ZERO,

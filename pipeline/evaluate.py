@@ -143,15 +143,18 @@ def evaluate(
 def evaluate_policy(model, tokenizer, task, stage_cfg, seed: int) -> dict[str, float]:
     """A policy stage's held-out numbers in the chat format: greedy accuracy and sampled
     (temperature 1) accuracy on the first `stage_cfg.eval_problems` eval problems, the same
-    problems for every stage so that the stages compare."""
+    problems for every stage so that the stages compare. The sampled figure is the mean over
+    `stage_cfg.eval_samples` samples per problem (pass@1), which narrows its sampling noise."""
     problems = task.eval_problems()[: stage_cfg.eval_problems]
     options = dict(prompt_format="chat", max_new_tokens=stage_cfg.max_new_tokens, batch_size=stage_cfg.eval_batch_size)
     greedy = evaluate(model, tokenizer, task, problems, **options)
     set_seed(seed)
-    sampled = evaluate(model, tokenizer, task, problems, temperature=1.0, **options)
+    samples = int(stage_cfg.get("eval_samples") or 1)
+    sampled = evaluate(model, tokenizer, task, problems, temperature=1.0, num_samples=samples, **options)
     return {
         "eval_accuracy": greedy.accuracy,
         "eval_accuracy_sampled": sampled.accuracy,
+        "eval_samples": samples,
         "eval_tokens_per_problem": greedy.tokens_per_problem,
         "eval_num_problems": greedy.num_problems,
     }

@@ -189,3 +189,26 @@ def test_reward_scorer_reads_the_last_token_of_each_chat_rendering(chat_tokenize
             assert math.isclose(float(model(**ids).logits[0, 0]), score, abs_tol=1e-5)
     assert len(set(round(s, 6) for s in scores)) == 4
     assert completions[best_of_n(scores)] == completions[max(range(4), key=scores.__getitem__)]
+
+
+def test_evaluate_policy_averages_eval_samples_per_problem(monkeypatch):
+    """eval_accuracy_sampled is the mean over eval_samples samples per problem: with a verifier
+    that accepts every other sample it is 0.5 whatever the problems, and the key is reported."""
+    from types import SimpleNamespace
+
+    from pipeline import evaluate as ev
+
+    calls = []
+
+    def fake_evaluate(model, tokenizer, task, problems, *, temperature=0.0, num_samples=1, **options):
+        calls.append((temperature, num_samples))
+        rewards = [[float(i % 2) for i in range(num_samples)] for _ in problems]
+        return ev.EvalResult(sum(map(sum, rewards)) / (len(problems) * num_samples), {}, 10.0, len(problems), [])
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    task = SimpleNamespace(eval_problems=lambda: [{"prompt": "1+1=?", "answer": "2"}] * 10)
+    stage = SimpleNamespace(eval_problems=10, max_new_tokens=8, eval_batch_size=5, eval_samples=4)
+    stage.get = lambda key, default=None: getattr(stage, key, default)
+    metrics = ev.evaluate_policy(None, None, task, stage, seed=0)
+    assert calls == [(0.0, 1), (1.0, 4)]
+    assert metrics["eval_samples"] == 4 and metrics["eval_accuracy_sampled"] == 0.5
