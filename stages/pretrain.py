@@ -14,7 +14,7 @@ from itertools import chain
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from pipeline import artifacts, distributed, preemption
 from pipeline.evaluate import evaluate
@@ -36,6 +36,23 @@ def pack(tokenizer, texts: list[str], seq_len: int) -> Dataset:
     if n_blocks == 0:
         raise ValueError(f"{len(flat)} tokens do not fill one block of seq_len={seq_len}; add data or lower seq_len")
     return Dataset.from_dict({"input_ids": [flat[i * seq_len : (i + 1) * seq_len] for i in range(n_blocks)]})
+
+
+class PackedBlocks:
+    """Data collator for `pack`'s blocks, read from the dataset in torch format: the batch
+    DataCollatorForLanguageModeling(mlm=False) builds (input_ids, an all-ones attention_mask,
+    labels = input_ids with pad set to -100), the same int64 tensors, stacked directly instead
+    of through tokenizer.pad over Python lists (about 1 ms of every step)."""
+
+    def __init__(self, pad_token_id: int | None) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = torch.stack([row["input_ids"] for row in rows])
+        labels = input_ids.clone()
+        if self.pad_token_id is not None:
+            labels[labels == self.pad_token_id] = -100
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
 class LMTrainer(ExactResume, Trainer):
@@ -115,9 +132,9 @@ def run(ctx) -> dict[str, float]:
     trainer = LMTrainer(
         model=model,
         args=args,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        train_dataset=train_data.with_format("torch"),
+        eval_dataset=eval_data.with_format("torch"),
+        data_collator=PackedBlocks(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[throughput, optimizer_state],
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(stage_optim(ctx.cfg, ctx.name), cfg.lr),
