@@ -417,11 +417,12 @@ def run_part(part: str, args, overrides: list[str]) -> dict:
 
 
 def part_main(args, overrides: list[str]) -> None:
-    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-overhead-{args.part}-")) / "run"
-    if args.part.startswith("pretrain"):
-        result = PARTS[args.part](overrides, args.warmup, args.steps, run_dir)
-    else:
-        result = PARTS[args.part](overrides, args.init, args.grpo_warmup, args.grpo_steps, run_dir)
+    with tempfile.TemporaryDirectory(prefix=f"bench-overhead-{args.part}-") as tmp:  # the end-of-training checkpoint
+        run_dir = Path(tmp) / "run"
+        if args.part.startswith("pretrain"):
+            result = PARTS[args.part](overrides, args.warmup, args.steps, run_dir)
+        else:
+            result = PARTS[args.part](overrides, args.init, args.grpo_warmup, args.grpo_steps, run_dir)
     result["env"], result["notes"] = environment(), sorted(set(NOTES))
     print(RESULT + json.dumps(result), flush=True)
 
