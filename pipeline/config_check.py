@@ -141,7 +141,8 @@ RULES: dict[str, Rule] = {
     "epsilon": POSITIVE, "epsilon_high": POSITIVE, "entropy_coef": NUMBER,
     "scale_rewards": TEXT, "zero_variance": TEXT, "vllm_mode": Rule("choice", choices=("colocate", "server")),
     "reward_weights": Rule("mapping"), "reward_model": TEXT,
-    "optim": Rule("any", null="the optim group as is"),  # a stage's optim overrides: checked merged over the optim group below
+    "optim": Rule("any", null="the optim group as is"),
+    "trainer": Rule("any", null="the trainer group as is"),  # a stage's optim overrides: checked merged over the optim group below
     "router_aux_loss_coef": Rule("number", low=0, null="the model config's coefficient"),
     "center_rewards_coefficient": Rule("number", low=0, null="no centring"),
     # the type only: the recipe's validate() checks the range and says why
@@ -157,6 +158,9 @@ RULES: dict[str, Rule] = {
     "optim.scheduler": Rule("choice", choices=SCHEDULERS), "optim.warmup_ratio": FRACTION,
     "optim.max_grad_norm": NON_NEGATIVE, "optim.momentum": FRACTION, "optim.adjust_lr": TEXT,
     "optim.muon_lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"),
+    # --- trainer (pipeline/trainer_settings.check adds what this machine can run)
+    "trainer.precision": Rule("choice", choices=("auto", "bf16", "fp16", "fp32")), "trainer.attn_implementation": TEXT,
+    "trainer.gradient_checkpointing": BOOL, "trainer.report_to": Rule("names"), "trainer.use_liger_kernel": BOOL,
     # --- peft
     "peft.method": TEXT, "peft.lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"), "peft.rank": COUNT,
     "peft.alpha": POSITIVE, "peft.dropout": FRACTION, "peft.target_modules": TEXTS, "peft.target_parameters": TEXTS,
@@ -193,7 +197,7 @@ def check_config(cfg: DictConfig) -> None:
     stages = [s for s in cfg.run.stages if isinstance(s, str) and s in cfg.stages]
     for name in stages:
         check_node(cfg.stages[name], f"stages.{name}")
-    for group in ("model", "optim", "peft", "task"):
+    for group in ("model", "optim", "peft", "task", "trainer"):
         check_node(cfg[group], group)
     if cfg.task.get("name") == "arithmetic" and cfg.task.min_operands > cfg.task.max_operands:
         raise ConfigError(f"task.min_operands={cfg.task.min_operands} is above task.max_operands="
@@ -201,20 +205,37 @@ def check_config(cfg: DictConfig) -> None:
     if any(s in TRAINING_STAGES for s in stages):
         check_optimizer_launch(cfg.optim)
     for stage in stages:
-        if cfg.stages[stage].get("optim"):
-            if not isinstance(cfg.stages[stage].optim, DictConfig):
-                raise ConfigError(f"stages.{stage}.optim={cfg.stages[stage].optim}: must be a mapping of optim keys "
-                                  f"to override for this stage, e.g. {{name: muon, max_grad_norm: 0}}, or null")
-            from pipeline.optim import stage_optim
+        for group in ("optim", "trainer"):
+            if cfg.stages[stage].get(group):
+                check_stage_group(cfg, stage, group)
+    from pipeline import trainer_settings
 
-            merged = stage_optim(cfg, stage)
-            unknown = sorted(set(merged) - {k.split(".", 1)[1] for k in RULES if k.startswith("optim.")})
-            if unknown:
-                raise ConfigError(f"stages.{stage}.optim.{unknown[0]}: not an optim key; valid: "
-                                  + ", ".join(sorted(k.split(".", 1)[1] for k in RULES if k.startswith("optim."))))
-            check_node(merged, "optim")
-            check_optimizer_launch(merged)
+    trainer_settings.check(cfg, [s for s in stages if s in TRAINING_STAGES])
     check_model_files(cfg, stages)
+
+
+def check_stage_group(cfg: DictConfig, stage: str, group: str) -> None:
+    """stages.<stage>.<group>: a mapping of the group's keys, checked merged over the group."""
+    from pipeline.trainer_settings import stage_group
+
+    override = cfg.stages[stage][group]
+    key = f"stages.{stage}.{group}"
+    example = "{name: muon, max_grad_norm: 0}" if group == "optim" else "{precision: fp32}"
+    if not isinstance(override, DictConfig):
+        raise ConfigError(f"{key}={override}: must be a mapping of {group} keys to override for this stage, "
+                          f"e.g. {example}, or null")
+    valid = sorted(k.split(".", 1)[1] for k in RULES if k.startswith(f"{group}."))
+    unknown = sorted(set(override) - set(valid))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: not a key of the {group} group; valid: {', '.join(valid)}")
+    merged = stage_group(cfg, group, stage)
+    check_node(merged, group)
+    if group == "optim":
+        try:
+            check_optimizer_launch(merged)
+        except ConfigError as err:
+            raise ConfigError(f"{key}={OmegaConf.to_container(override)}: {err}; "
+                              f"or set {key}=null to train {stage} with the optim group") from err
 
 
 def check_node(node: DictConfig, prefix: str, keys: list[str] | None = None) -> None:

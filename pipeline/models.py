@@ -22,8 +22,9 @@ ADAPTER_DIR = "adapter"  # every PEFT final/ keeps its adapter here
 BASE_DIR = "base"  # a prefix/prompt-tuning final/ keeps its frozen base model here
 
 
-def build_model(model_cfg, tokenizer) -> PreTrainedModel:
-    """A freshly initialised model of `model_cfg.arch` (a transformers model_type) sized to the tokenizer."""
+def build_model(model_cfg, tokenizer, attn_implementation: str | None = None) -> PreTrainedModel:
+    """A freshly initialised model of `model_cfg.arch` (a transformers model_type) sized to the
+    tokenizer; `attn_implementation` None: transformers' default."""
     kwargs = OmegaConf.to_container(model_cfg.config, resolve=True)
     config = AutoConfig.for_model(
         model_cfg.arch,
@@ -33,13 +34,16 @@ def build_model(model_cfg, tokenizer) -> PreTrainedModel:
         bos_token_id=None,
         **kwargs,
     )
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
-def load_model(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(path: str, trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
+    """Weights in fp32 (trained master weights; trainer.precision sets the autocast)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation=attn_implementation
+    )
 
 
 def is_adapter_checkpoint(path: str | Path) -> bool:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 
-from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from pipeline import distributed
 from pipeline.muon import MuonSettings, build_optimizer
+from pipeline.trainer_settings import stage_group
 
 VALID = ("adamw", "muon")
 DEEPSPEED_MUON_STAGES = (1, 2, 3)
@@ -30,12 +30,7 @@ DEEPSPEED_MUON_STAGES = (1, 2, 3)
 def stage_optim(cfg, stage: str):
     """The optim group as one stage sees it: `stages.<stage>.optim` (a mapping, e.g.
     {name: muon, max_grad_norm: 0}) merged over the `optim` group; null leaves the group as is."""
-    override = cfg.stages[stage].get("optim")
-    if not override:
-        return cfg.optim
-    merged = OmegaConf.merge(OmegaConf.to_container(cfg.optim, resolve=True), OmegaConf.to_container(override, resolve=True))
-    OmegaConf.set_readonly(merged, True)
-    return merged
+    return stage_group(cfg, "optim", stage)
 
 
 def trainer_kwargs(optim_cfg, lr: float | None = None) -> dict:

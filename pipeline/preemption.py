@@ -91,6 +91,8 @@ def train(trainer, ctx):
     saved at max_steps trains no further step and returns the checkpoint's state."""
     if ctx.resume_checkpoint is not None and not isinstance(trainer, ExactResume):
         raise TypeError(f"{type(trainer).__name__} must list pipeline.resume.ExactResume first to resume exactly")
+    # what the trainer really runs (accelerate's setting), whatever the config asked for
+    ctx.shared_metrics["mixed_precision"] = str(trainer.accelerator.mixed_precision)
     callback = PreemptionCallback(ctx.run_dir)
     trainer.add_callback(callback)
     trainer.add_callback(StopAtMaxSteps())

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -49,6 +49,9 @@ class StageContext:
     input_path: Path | None  # checkpoint to start from; None = build from `model`
     resume_checkpoint: Path | None  # checkpoint-N of this stage to resume from
     task: Task
+    # facts every training stage shares, recorded by preemption.train (e.g. the trainer's mixed
+    # precision); the runner adds them to the stage's metrics
+    shared_metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -288,7 +291,7 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
     # (reward) and data order then depend on `seed` alone, so a rerun reproduces its numbers.
     set_seed(int(cfg.seed))
     try:
-        metrics = plan.module.run(ctx)
+        metrics = {**plan.module.run(ctx), **ctx.shared_metrics}
         wall = time.perf_counter() - start
         if distributed.is_main_process():
             # final/ (with its metrics) first, then metrics.json, then the manifest: a kill between

@@ -23,7 +23,7 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import is_conversational
 
-from pipeline import distributed, preemption
+from pipeline import distributed, preemption, trainer_settings
 from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate_policy, generate, render_prompts
 from pipeline.models import (
@@ -74,7 +74,8 @@ def validate(cfg, input_path: Path | None) -> None:
 
 
 
-def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -> DPOConfig:
+def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, shared: dict | None = None) -> DPOConfig:
+    """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
     lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
     return DPOConfig(
         output_dir=str(output_dir),
@@ -82,7 +83,6 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -
         per_device_train_batch_size=stage_cfg.batch_size,
         per_device_eval_batch_size=stage_cfg.batch_size,
         gradient_accumulation_steps=stage_cfg.grad_accum,
-        gradient_checkpointing=False,  # TRL turns it on by default; these models are small
         max_length=stage_cfg.max_length,
         beta=float(stage_cfg.beta),
         loss_type=list(stage_cfg.loss_type) if not isinstance(stage_cfg.loss_type, str) else [stage_cfg.loss_type],
@@ -94,12 +94,10 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -
         save_steps=stage_cfg.save_steps,
         save_total_limit=stage_cfg.save_total_limit,
         logging_steps=stage_cfg.logging_steps,
-        report_to=[],
         seed=seed,
-        bf16=False,
         # prefix tuning: no router aux loss (TRL hands the prefix-lengthened mask to the MoE aux loss, see sft)
         router_aux_loss_coef=0.0 if peft_cfg.method == "prefix" else None,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **(shared if shared is not None else trainer_settings.PLAIN),  # TRL's own defaults: bf16, checkpointing
         **trainer_kwargs(optim_cfg, lr),
     )
 
@@ -204,7 +202,8 @@ def run(ctx) -> dict[str, float]:
         raise ConfigError("dpo needs an input checkpoint: set stages.dpo.input_stage or stages.dpo.init")
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     tokenizer = check_trainable_input(ctx.input_path, "dpo", bool(ctx.cfg.model.trust_remote_code))
-    model = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code))
+    model = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code),
+                       trainer_settings.attn_implementation(ctx.cfg, ctx.name))
     restrict_trainable(model, ctx.stage_cfg, "dpo")
     peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, ctx.cfg.peft.method != "prefix")  # see router_aux_loss_coef below
@@ -217,7 +216,8 @@ def run(ctx) -> dict[str, float]:
                                "samples_per_prompt or sample_temperature, or use stages.dpo.pairs=task")
         train_data = Dataset.from_list(first_step_pairs(pairs, tokenizer)) if cfg.step_level else conversational_pairs(pairs, 0)[0]
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed,
+                         trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir))
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, stage_optim(ctx.cfg, ctx.name))
     before = implicit_rewards(trainer, train_probe, "train_probe_before")
     train_output = preemption.train(trainer, ctx)

@@ -30,7 +30,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from pipeline import artifacts, distributed, preemption
+from pipeline import artifacts, distributed, preemption, trainer_settings
 from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate, evaluate_policy
 from pipeline.models import (
@@ -445,7 +445,9 @@ def selected_prompts(model, tokenizer, task, stage_cfg, seed: int, stage_dir: Pa
     }
 
 
-def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, reward_weights: list[float]) -> GRPOConfig:
+def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, reward_weights: list[float],
+                  shared: dict | None = None) -> GRPOConfig:
+    """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
     lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
     optimizer = trainer_kwargs(optim_cfg, lr)
     if stage_cfg.adam_epsilon is not None:
@@ -455,7 +457,6 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         max_steps=stage_cfg.max_steps,
         per_device_train_batch_size=stage_cfg.batch_size,
         gradient_accumulation_steps=stage_cfg.grad_accum,
-        gradient_checkpointing=bool(stage_cfg.gradient_checkpointing),
         num_generations=stage_cfg.num_generations,
         max_completion_length=stage_cfg.max_new_tokens,
         temperature=float(stage_cfg.temperature),
@@ -476,11 +477,9 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         save_steps=stage_cfg.save_steps,
         save_total_limit=stage_cfg.save_total_limit,
         logging_steps=stage_cfg.logging_steps,
-        report_to=[],
         seed=seed,
-        bf16=False,  # TRL defaults to bf16; the pipeline trains in fp32
         router_aux_loss_coef=None if stage_cfg.router_aux_loss_coef is None else float(stage_cfg.router_aux_loss_coef),
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **(shared if shared is not None else trainer_settings.PLAIN),  # TRL's own default is bf16
         **optimizer,
     )
 
@@ -510,12 +509,14 @@ def run(ctx) -> dict[str, float]:
     trust = bool(ctx.cfg.model.trust_remote_code)
     tokenizer = check_trainable_input(ctx.input_path, "grpo", trust)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
-    model = load_model(str(ctx.input_path.resolve()), trust)  # resolved: TRL reloads the reference from it
+    model = load_model(str(ctx.input_path.resolve()), trust, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
+    # (resolved: TRL reloads the reference from it)
     set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
     restrict_trainable(model, cfg, "grpo")
     peft_config = build_peft_config(ctx.cfg.peft, model)
     rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust)
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1])
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1],
+                         trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir))
     train_data, filter_metrics = selected_prompts(model, tokenizer, ctx.task, cfg, ctx.cfg.seed, ctx.stage_dir)
     trainer = build_trainer(model, tokenizer, train_data, args, rewards, cfg, peft_config, stage_optim(ctx.cfg, ctx.name))
 

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-from pipeline import artifacts, distributed, preemption
+from pipeline import artifacts, distributed, preemption, trainer_settings
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
 from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
@@ -89,7 +89,7 @@ def setup_tokenizer_and_model(ctx):
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer, load_model(str(source), trust)
+        return tokenizer, load_model(str(source), trust, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
     tokenizer_dir = ctx.stage_dir / "tokenizer"
     need_tokenizer = not (tokenizer_dir / "tokenizer.json").exists()  # a resumed run reuses the first run's
     distributed.barrier()  # every rank has looked before the main process writes
@@ -101,7 +101,7 @@ def setup_tokenizer_and_model(ctx):
             tmp.replace(tokenizer_dir)
         distributed.barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return tokenizer, build_model(ctx.cfg.model, tokenizer)
+    return tokenizer, build_model(ctx.cfg.model, tokenizer, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
 
 
 def run(ctx) -> dict[str, float]:
@@ -124,9 +124,8 @@ def run(ctx) -> dict[str, float]:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
-        report_to=[],
         seed=ctx.cfg.seed,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir),
         **trainer_kwargs(stage_optim(ctx.cfg, ctx.name), cfg.lr),
     )
     trainer = LMTrainer(

@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from pipeline import distributed, preemption
+from pipeline import distributed, preemption, trainer_settings
 from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.models import check_trainable_input, count_parameters, save_policy, set_router_aux_loss
 from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
@@ -75,7 +75,8 @@ def run(ctx) -> dict[str, float]:
     # the score head is new: seeded by RewardTrainer (set_seed(args.seed)) only for string models
     torch.manual_seed(ctx.cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        ctx.input_path, num_labels=1, trust_remote_code=trust, dtype=torch.float32
+        ctx.input_path, num_labels=1, trust_remote_code=trust, dtype=torch.float32,
+        attn_implementation=trainer_settings.attn_implementation(ctx.cfg, ctx.name),
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     set_router_aux_loss(model, False)  # the sequence-classification head adds no aux loss
@@ -87,7 +88,6 @@ def run(ctx) -> dict[str, float]:
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        gradient_checkpointing=False,  # TRL turns it on by default; these models are small
         max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         eval_strategy="steps",
@@ -96,10 +96,8 @@ def run(ctx) -> dict[str, float]:
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
-        report_to=[],
         seed=ctx.cfg.seed,
-        bf16=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir),  # TRL's own defaults: bf16, checkpointing
         **trainer_kwargs(stage_optim(ctx.cfg, ctx.name), lr),
     )
     trainer = StageRewardTrainer(

@@ -24,7 +24,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
-from pipeline import distributed, preemption
+from pipeline import distributed, preemption, trainer_settings
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate_policy
 from pipeline.models import (
@@ -94,7 +94,8 @@ def build_datasets(tokenizer, task, stage_cfg, seed: int) -> tuple[Dataset, Data
     return Dataset.from_list(rows), Dataset.from_list(eval_rows)
 
 
-def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -> SFTConfig:
+def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, shared: dict | None = None) -> SFTConfig:
+    """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
     lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
     return SFTConfig(
         output_dir=str(output_dir),
@@ -102,7 +103,6 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -
         per_device_train_batch_size=stage_cfg.batch_size,
         per_device_eval_batch_size=stage_cfg.batch_size,
         gradient_accumulation_steps=stage_cfg.grad_accum,
-        gradient_checkpointing=bool(stage_cfg.gradient_checkpointing),
         max_length=stage_cfg.max_length,
         packing=bool(stage_cfg.packing),
         completion_only_loss=True,  # pre-tokenized rows: labels from completion_mask
@@ -112,14 +112,12 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int) -
         save_steps=stage_cfg.save_steps,
         save_total_limit=stage_cfg.save_total_limit,
         logging_steps=stage_cfg.logging_steps,
-        report_to=[],
         seed=seed,
-        bf16=False,  # TRL defaults to bf16; the pipeline trains in fp32 like pretrain
         # Prefix tuning trains without the MoE router aux loss: TRL hands the prefix-lengthened
         # attention mask to load_balancing_loss_func, which fails on the size mismatch (trl 1.16,
         # transformers 5.23). None: the model config's coefficient.
         router_aux_loss_coef=0.0 if peft_cfg.method == "prefix" else None,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        **(shared if shared is not None else trainer_settings.PLAIN),  # TRL's own default is bf16
         **trainer_kwargs(optim_cfg, lr),
     )
 
@@ -154,11 +152,13 @@ def run(ctx) -> dict[str, float]:
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
     tokenizer = check_trainable_input(ctx.input_path, "sft", trust)
-    model = load_model(str(ctx.input_path.resolve()), trust)  # resolved: the adapter records its base
+    model = load_model(str(ctx.input_path.resolve()), trust, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
+    # (resolved: the adapter records its base)
     peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, True)
     train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.cfg.seed)
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed)
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed,
+                         trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir))
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, stage_optim(ctx.cfg, ctx.name))
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()

@@ -120,7 +120,7 @@ def test_a_stage_optim_override_is_checked_before_compute():
     from pipeline.errors import ConfigError
     from tests.conftest import compose_config
 
-    with pytest.raises(ConfigError, match=r"stages.sft.optim.nope: not an optim key"):
+    with pytest.raises(ConfigError, match=r"stages.sft.optim.nope: not a key of the optim group"):
         check_config(compose_config(["run.stages=[sft]", "stages.sft.optim={nope:1}"]))
     with pytest.raises(ConfigError, match=r"optim.lr=-1"):
         check_config(compose_config(["run.stages=[sft]", "stages.sft.optim={lr:-1}"]))

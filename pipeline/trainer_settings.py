@@ -1,0 +1,123 @@
+"""The `trainer` group: how every training stage runs (mixed precision, attention kernel,
+activation memory, experiment tracking), read through this one helper so the stages agree.
+
+    TrainingArguments(..., **trainer_settings.arguments(cfg, "sft", stage_dir))
+    load_model(path, attn_implementation=trainer_settings.attn_implementation(cfg, "sft"))
+
+A stage overrides any key under `stages.<stage>.trainer` (e.g. stages.grpo.trainer.precision=fp32).
+`check(cfg, stages)` refuses, before any compute, a setting this machine cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import ConfigError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# attention kernels that need a package and a CUDA GPU: (import name, pip name)
+ATTENTION_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def stage_group(cfg, group: str, stage: str) -> DictConfig:
+    """A config group as one stage sees it: the mapping under stages.<stage>.<group> merged over
+    cfg.<group> (null: the group as it is). Serves `trainer` and `optim`."""
+    override = cfg.stages[stage].get(group) if stage in cfg.stages else None
+    if not override:
+        return cfg[group]
+    merged = OmegaConf.merge(OmegaConf.to_container(cfg[group], resolve=True), OmegaConf.to_container(override, resolve=True))
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def settings(cfg, stage: str) -> DictConfig:
+    """The trainer group as `stage` sees it: stages.<stage>.trainer merged over cfg.trainer."""
+    return stage_group(cfg, "trainer", stage)
+
+
+def precision(cfg, stage: str) -> str:
+    """bf16, fp16 or fp32; `auto` is bf16 on a CUDA device that supports it, else fp32."""
+    chosen = str(settings(cfg, stage).precision)
+    if chosen == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return chosen
+
+
+def attn_implementation(cfg, stage: str) -> str | None:
+    """What to pass as `attn_implementation` to from_pretrained/from_config (None: transformers' choice)."""
+    chosen = str(settings(cfg, stage).attn_implementation)
+    return None if chosen == "auto" else chosen
+
+
+def report_to(cfg, stage: str) -> list[str]:
+    value = settings(cfg, stage).report_to
+    names = [str(value)] if isinstance(value, str) else [str(v) for v in value]
+    return [n for n in names if n != "none"]
+
+
+# what a stage's training_args() uses when no settings are passed (tests building arguments alone)
+PLAIN = dict(bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], dataloader_pin_memory=False)
+
+
+def arguments(cfg, stage: str, stage_dir: Path) -> dict:
+    """TrainingArguments fields every training stage shares (TRL's configs inherit them)."""
+    s = settings(cfg, stage)
+    chosen = precision(cfg, stage)
+    trackers = report_to(cfg, stage)
+    if "tensorboard" in trackers:
+        # transformers' TensorBoardCallback takes its directory from this variable when the
+        # trainer is built: the event files land in the stage dir, so `tensorboard --logdir
+        # outputs` shows one run per stage named <run.name>/<stage>, and a replaced stage's
+        # curves move to superseded/ with it
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage_dir)
+    return dict(
+        bf16=chosen == "bf16",  # mixed precision: master weights and optimizer state stay fp32
+        fp16=chosen == "fp16",
+        gradient_checkpointing=bool(s.gradient_checkpointing),
+        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+        report_to=trackers,
+        run_name=f"{cfg.run.name}/{stage}",
+        use_liger_kernel=bool(s.use_liger_kernel),
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def check(cfg, stages: list[str]) -> None:
+    """ConfigError, naming the key and the fix, for a setting that cannot run here."""
+    for stage in stages:
+        s = settings(cfg, stage)
+        key = f"stages.{stage}.trainer" if cfg.stages[stage].get("trainer") else "trainer"
+        if s.precision not in PRECISIONS:
+            raise ConfigError(f"{key}.precision={s.precision}: must be one of {', '.join(PRECISIONS)}")
+        if s.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError(f"{key}.precision=fp16 needs a CUDA GPU (none here); use bf16 (CPU autocast) or fp32")
+        if s.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"{key}.precision=bf16: this GPU does not support bf16; use fp16 or fp32 (or auto)")
+        attention = str(s.attn_implementation)
+        if attention not in ATTENTION:
+            raise ConfigError(f"{key}.attn_implementation={attention}: must be one of {', '.join(ATTENTION)}")
+        if attention in ATTENTION_PACKAGES:
+            module, package = ATTENTION_PACKAGES[attention]
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{key}.attn_implementation={attention} needs a CUDA GPU (none here); use sdpa or eager")
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"{key}.attn_implementation={attention} needs the {package} package "
+                                  f"(pip install {package}); or use sdpa")
+        for name in report_to(cfg, stage):
+            if name not in TRACKERS:
+                raise ConfigError(f"{key}.report_to={name}: must be none or any of {', '.join(TRACKERS)}")
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"{key}.report_to={name} needs the {name} package (pip install {name}); "
+                                  "or set trainer.report_to=none")
+        if s.use_liger_kernel:
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{key}.use_liger_kernel=true needs a CUDA GPU (none here); set it to false")
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ConfigError(f"{key}.use_liger_kernel=true needs the liger-kernel package (pip install liger-kernel)")
