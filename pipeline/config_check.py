@@ -213,7 +213,11 @@ def check_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"stages.{stage}.optim.{unknown[0]}: not an optim key; valid: "
                                   + ", ".join(sorted(k.split(".", 1)[1] for k in RULES if k.startswith("optim."))))
             check_node(merged, "optim")
-            check_optimizer_launch(merged)
+            try:
+                check_optimizer_launch(merged)
+            except ConfigError as err:
+                raise ConfigError(f"stages.{stage}.optim={OmegaConf.to_container(cfg.stages[stage].optim)}: {err}; "
+                                  f"or set stages.{stage}.optim=null to train {stage} with the optim group") from err
     check_model_files(cfg, stages)
 
 
