@@ -34,7 +34,9 @@ TARGET = 2 / 3  # Muon should reach AdamW's final validation loss within this sh
 def pretrain(run_dir: Path, optim: str, lr: float, steps: int, batch_size: int, overrides: list[str]) -> dict:
     eval_every = max(steps // 10, 1)
     subprocess.run(
+        # stages.pretrain.optim=null: the optim group decides (preset=demo pins pretrain to Muon)
         [sys.executable, "-m", "pipeline", "run.stages=[pretrain]", f"run.dir={run_dir}", f"optim={optim}",
+         "stages.pretrain.optim=null",
          f"stages.pretrain.lr={lr}", f"stages.pretrain.max_steps={steps}", f"stages.pretrain.batch_size={batch_size}",
          f"stages.pretrain.eval_steps={eval_every}", f"stages.pretrain.logging_steps={eval_every}",
          f"stages.pretrain.save_steps={steps}", "stages.pretrain.eval_problems=20", *overrides],
@@ -102,7 +104,7 @@ def zero_state_mb(work: Path, overrides: list[str]) -> dict[tuple[str, str], flo
             if launch != "1 process":
                 config = ROOT / "conf" / "accelerate" / f"zero{launch[-1]}.yaml"
                 prefix = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2"]
-            subprocess.run([*prefix, "-m", "pipeline", *common, f"optim={optim}", f"run.dir={run_dir}"],
+            subprocess.run([*prefix, "-m", "pipeline", *common, f"optim={optim}", "stages.pretrain.optim=null", f"run.dir={run_dir}"],
                            cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             results[optim, launch] = json.loads((run_dir / "pretrain" / "metrics.json").read_text())["optimizer_state_mb"]
     return results
