@@ -94,7 +94,7 @@ def plan_test_time(tmp_path: Path, *overrides: str, stages: str = "[test_time]")
 
 
 def test_bad_methods_and_reward_model_fail_before_compute(tmp_path):
-    chain = "[pretrain,test_time]"  # the input is still to be written: the config is checked alone
+    chain = "[pretrain,sft,test_time]"  # the input is still to be written: the config is checked alone
     with pytest.raises(ConfigError, match=r"stages.test_time.methods=\['greedy', 'beam'\].*from greedy, sample"):
         plan_test_time(tmp_path, "stages.test_time.methods=[greedy,beam]", stages=chain)
     with pytest.raises(ConfigError, match=r"reward_model=.*nowhere is not a model directory"):
@@ -103,7 +103,7 @@ def test_bad_methods_and_reward_model_fail_before_compute(tmp_path):
         plan_test_time(tmp_path, "stages.test_time.alpha=0.5", stages=chain)
     plan_test_time(tmp_path, "stages.test_time.methods=[greedy]", stages=chain)  # fine
     with pytest.raises(ConfigError, match=r"first of grpo, dpo, sft, pretrain that runs before it"):
-        plan_test_time(tmp_path)
+        plan_test_time(tmp_path, "stages.test_time.input_stage=[grpo,dpo,sft,pretrain]")  # preset=demo: sft alone
 
 
 def test_power_sampling_refuses_a_p_tuning_adapter(tmp_path):

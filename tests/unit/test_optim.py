@@ -107,7 +107,7 @@ def test_stage_optim_merges_a_stage_override_over_the_group():
     from tests.conftest import compose_config
 
     cfg = compose_config(["stages.sft.optim={name:muon,lr:0.01}"])
-    assert stage_optim(cfg, "pretrain") is cfg.optim  # no override: the group itself
+    assert stage_optim(cfg, "dpo") is cfg.optim  # no override: the group itself
     merged = stage_optim(cfg, "sft")
     assert (merged.name, merged.lr, merged.weight_decay) == ("muon", 0.01, cfg.optim.weight_decay)
     assert cfg.optim.name == "adamw"  # the group is untouched
