@@ -77,8 +77,10 @@ def arguments(cfg, stage: str, stage_dir: Path) -> dict:
         # outputs` shows one run per stage named <run.name>/<stage>, and a replaced stage's
         # curves move to superseded/ with it
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(stage_dir)
+    cpu_bf16 = chosen == "bf16" and not torch.cuda.is_available()
     return dict(
         bf16=chosen == "bf16",  # mixed precision: master weights and optimizer state stay fp32
+        **({"use_cpu": True} if cpu_bf16 else {}),  # transformers allows bf16 without a GPU only so (CPU autocast)
         fp16=chosen == "fp16",
         gradient_checkpointing=bool(s.gradient_checkpointing),
         gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
