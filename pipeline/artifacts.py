@@ -214,22 +214,53 @@ def is_hf_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
-def save_final(stage_dir: Path, save_fn) -> Path:
+def save_final(stage_dir: Path, save_fn, dtype=None) -> Path:
     """Write the stage's final checkpoint to a temporary sibling of final/ (`save_fn(tmp_dir)`
     fills it) and return that path. The runner renames it into place with commit_final once
     the stage has returned its metrics, so a final/ on disk is always complete and comes with
     the numbers and config hash it was made with.
 
     Called on every rank: sharded models (ZeRO-3, FSDP) need all ranks to gather the weights,
-    so the temporary path is the same on all of them.
+    so the temporary path is the same on all of them. `dtype` (a torch floating dtype): the
+    floating-point weights are stored in it (cast_checkpoint); None keeps what save_fn wrote.
     """
     tmp = stage_dir / PENDING_FINAL
     if distributed.is_main_process() and tmp.exists():
         shutil.rmtree(tmp)  # left by a killed run; never trusted
     distributed.barrier()
     save_fn(tmp)
+    if dtype is not None and distributed.is_main_process():
+        cast_checkpoint(tmp, dtype)
     distributed.barrier()
     return tmp
+
+
+def cast_checkpoint(directory: Path, dtype) -> None:
+    """Store every floating-point tensor of the safetensors files under `directory` (a model, its
+    base/ and adapter/) in `dtype` (a torch dtype), one file at a time, and record the dtype in
+    each model config.json. Integer and bool tensors stay as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(directory.rglob("*.safetensors")):
+        tensors = load_file(file)
+        if all(not v.is_floating_point() or v.dtype == dtype for v in tensors.values()):
+            continue
+        with safe_open(file, "pt") as opened:
+            metadata = opened.metadata()
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, file, metadata=metadata)
+    for index in directory.rglob("*.safetensors.index.json"):  # its total_size follows the cast
+        record = json.loads(index.read_text())
+        shards = sorted(set(record.get("weight_map", {}).values()))
+        total = sum(v.numel() * v.element_size() for shard in shards for v in load_file(index.parent / shard).values())
+        record.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(record, indent=2) + "\n")
+    for config in directory.rglob("config.json"):
+        record = json.loads(config.read_text())
+        if "model_type" in record:  # a model config, not an adapter's
+            record["dtype"] = str(dtype).removeprefix("torch.")
+            record.pop("torch_dtype", None)
+            config.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def commit_final(stage_dir: Path, record: dict) -> Path | None:

@@ -160,10 +160,12 @@ RULES: dict[str, Rule] = {
     "optim.muon_lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"),
     # --- trainer (pipeline/trainer_settings.check adds what this machine can run)
     "trainer.precision": Rule("choice", choices=("auto", "bf16", "fp16", "fp32")), "trainer.attn_implementation": TEXT,
+    "trainer.save_dtype": Rule("choice", choices=("auto", "bf16", "fp16", "fp32")),
     "trainer.gradient_checkpointing": BOOL, "trainer.report_to": Rule("names"), "trainer.use_liger_kernel": BOOL,
     # --- peft
     "peft.method": TEXT, "peft.lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"), "peft.rank": COUNT,
     "peft.alpha": POSITIVE, "peft.dropout": FRACTION, "peft.target_modules": TEXTS, "peft.target_parameters": TEXTS,
+    "peft.tiny_lr": Rule("mapping"),  # the tiny models' presets: lr per method
     "peft.num_virtual_tokens": COUNT, "peft.init": Rule("choice", choices=("random", "sample_vocab")),
     # --- task (arithmetic)
     "task.name": TEXT, "task.seed": SEED, "task.min_operands": Rule("int", low=2), "task.max_operands": Rule("int", low=2),
