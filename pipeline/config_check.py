@@ -288,8 +288,14 @@ def check_model_files(cfg: DictConfig, stages: list[str]) -> None:
         stage_cfg = cfg.stages[name]
         if stage_cfg.get("init"):
             check_model_dir(Path(str(stage_cfg.init)).expanduser(), f"stages.{name}.init", name)
-        elif not stage_cfg.get("input_stage") and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.get("path"):
+        elif reads_model_group(stage_cfg) and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.get("path"):
             check_model_dir(Path(str(cfg.model.path)).expanduser(), "model.path", name)
+
+
+def reads_model_group(stage_cfg) -> bool:
+    """The stage may start from the model group: no input_stage, or `model` among its candidates."""
+    value = stage_cfg.get("input_stage")
+    return not value or value == "model" or (not isinstance(value, str) and "model" in list(value))
 
 
 def check_model_dir(path: Path, key: str, stage: str) -> None:

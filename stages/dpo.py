@@ -210,6 +210,7 @@ def run(ctx) -> dict[str, float]:
     train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
     autocast = trainer_settings.autocast(ctx.cfg, ctx.name)
     if cfg.pairs == "on_policy":
+        model = distributed.to_device_unless_sharded(model)
         with autocast:
             pairs = on_policy_pairs(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
         log(f"stage dpo: {len(pairs)} on-policy pairs from {cfg.pair_prompts} prompts x {cfg.samples_per_prompt} samples")

@@ -520,6 +520,8 @@ def run(ctx) -> dict[str, float]:
     shared = {**trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir), **trainer_settings.reference(ctx.cfg, ctx.name)}
     args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1], shared)
     autocast = trainer_settings.autocast(ctx.cfg, ctx.name)
+    if cfg.filter_samples:
+        model = distributed.to_device_unless_sharded(model)
     with autocast:
         train_data, filter_metrics = selected_prompts(model, tokenizer, ctx.task, cfg, ctx.cfg.seed, ctx.stage_dir)
     trainer = build_trainer(model, tokenizer, train_data, args, rewards, cfg, peft_config, stage_optim(ctx.cfg, ctx.name))

@@ -164,7 +164,7 @@ def run(ctx) -> dict[str, float]:
     trust = bool(ctx.cfg.model.trust_remote_code)
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     dtype = trainer_settings.forward_dtype(ctx.cfg, ctx.name)  # test_time only runs forward
-    model = load_policy(ctx.input_path.resolve(), trust, dtype)
+    model = load_policy(ctx.input_path.resolve(), trust, dtype).to(distributed.state().device)
     settings = settings_from(cfg, ctx.cfg.seed)
     methods = list(cfg.methods)
     reward = None
