@@ -242,25 +242,36 @@ def cast_checkpoint(directory: Path, dtype) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    stored = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}[str(dtype)]
     for file in sorted(directory.rglob("*.safetensors")):
-        tensors = load_file(file)
-        if all(not v.is_floating_point() or v.dtype == dtype for v in tensors.values()):
+        if safetensors_header(file)[1] <= {stored}:  # nothing to cast: the file is not read
             continue
+        tensors = load_file(file)
         with safe_open(file, "pt") as opened:
             metadata = opened.metadata()
         save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, file, metadata=metadata)
     for index in directory.rglob("*.safetensors.index.json"):  # its total_size follows the cast
         record = json.loads(index.read_text())
         shards = sorted(set(record.get("weight_map", {}).values()))
-        total = sum(v.numel() * v.element_size() for shard in shards for v in load_file(index.parent / shard).values())
-        record.setdefault("metadata", {})["total_size"] = total
+        record.setdefault("metadata", {})["total_size"] = sum(safetensors_header(index.parent / s)[0] for s in shards)
         index.write_text(json.dumps(record, indent=2) + "\n")
+    name = str(dtype).removeprefix("torch.")
     for config in directory.rglob("config.json"):
         record = json.loads(config.read_text())
-        if "model_type" in record:  # a model config, not an adapter's
-            record["dtype"] = str(dtype).removeprefix("torch.")
+        if "model_type" in record and (record.get("dtype") != name or "torch_dtype" in record):  # a model's config
+            record["dtype"] = name
             record.pop("torch_dtype", None)
             config.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def safetensors_header(file: Path) -> tuple[int, set[str]]:
+    """(bytes of tensor data, the floating-point dtypes: F32, BF16, F16, ...) a safetensors
+    file's header declares."""
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    size = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in entries)
+    return size, {v["dtype"] for v in entries if v["dtype"].startswith(("F", "BF"))}
 
 
 def commit_final(stage_dir: Path, record: dict) -> Path | None:

@@ -208,10 +208,9 @@ def run(ctx) -> dict[str, float]:
     peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, ctx.cfg.peft.method != "prefix")  # see router_aux_loss_coef below
     train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
-    autocast = trainer_settings.autocast(ctx.cfg, ctx.name)
     if cfg.pairs == "on_policy":
         model = distributed.to_device_unless_sharded(model)
-        with autocast:
+        with trainer_settings.autocast(ctx.cfg, ctx.name):
             pairs = on_policy_pairs(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
         log(f"stage dpo: {len(pairs)} on-policy pairs from {cfg.pair_prompts} prompts x {cfg.samples_per_prompt} samples")
         if not pairs:
@@ -228,7 +227,7 @@ def run(ctx) -> dict[str, float]:
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    with autocast:
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
         accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
     log_history = trainer.state.log_history
     if distributed.is_main_process():

@@ -519,10 +519,9 @@ def run(ctx) -> dict[str, float]:
     rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust, trainer_settings.forward_dtype(ctx.cfg, ctx.name))
     shared = {**trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir), **trainer_settings.reference(ctx.cfg, ctx.name)}
     args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1], shared)
-    autocast = trainer_settings.autocast(ctx.cfg, ctx.name)
     if cfg.filter_samples:
         model = distributed.to_device_unless_sharded(model)
-    with autocast:
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
         train_data, filter_metrics = selected_prompts(model, tokenizer, ctx.task, cfg, ctx.cfg.seed, ctx.stage_dir)
     trainer = build_trainer(model, tokenizer, train_data, args, rewards, cfg, peft_config, stage_optim(ctx.cfg, ctx.name))
 
@@ -530,7 +529,7 @@ def run(ctx) -> dict[str, float]:
     curve_problems = ctx.task.eval_problems()[: cfg.curve_problems]
 
     def measure(policy) -> float:
-        with autocast:
+        with trainer_settings.autocast(ctx.cfg, ctx.name):
             return evaluate(policy, tokenizer, ctx.task, curve_problems, temperature=float(cfg.curve_temperature),
                             **eval_options).accuracy
 
@@ -540,7 +539,7 @@ def run(ctx) -> dict[str, float]:
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    with autocast:
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
         accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
 
     history = trainer.state.log_history

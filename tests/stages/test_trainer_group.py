@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import artifacts
 from tests.conftest import SMOKE_CHAIN, run_cli
 
 TRAINING = ("pretrain", "sft", "reward", "dpo", "grpo")
@@ -63,12 +64,7 @@ def test_bf16_trains_under_bf16_autocast_in_every_training_stage(bf16_chain, smo
 
 def safetensors_dtypes(directory: Path) -> set[str]:
     """The dtypes of the floating-point tensors in a checkpoint's safetensors files, as stored."""
-    found = set()
-    for file in directory.glob("*.safetensors"):
-        header_size = int.from_bytes(file.open("rb").read(8), "little")
-        header = json.loads(file.open("rb").read(8 + header_size)[8:])
-        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
-    return found
+    return set().union(*(artifacts.safetensors_header(file)[1] for file in directory.glob("*.safetensors")))
 
 
 @pytest.fixture(scope="module")
