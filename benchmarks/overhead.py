@@ -71,6 +71,7 @@ def step_clock():
             self.wall: dict[int, float] = {}
             self.cpu: dict[int, float] = {}
             self.losses: list[float] = []
+            self.callback_seconds: dict[str, float] = {}  # the stage's callbacks, over the whole run
 
         def on_step_end(self, args, state, control, **kwargs):
             self.wall[state.global_step] = time.perf_counter()
@@ -85,6 +86,22 @@ def step_clock():
 
 def window(wall: dict[int, float], cpu: dict[int, float], warmup: int, steps: int) -> dict[str, float]:
     return {"seconds": wall[warmup + steps] - wall[warmup], "cpu_seconds": cpu[warmup + steps] - cpu[warmup]}
+
+
+def time_callback(callback, spent: dict[str, float]) -> None:
+    """Add the time `callback`'s event methods take to spent[its class name]."""
+    name = type(callback).__name__
+    for event in [e for e in dir(callback) if e.startswith("on_")]:
+        method = getattr(callback, event)
+
+        def timed(*args, _method=method, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+
+        setattr(callback, event, timed)
 
 
 class _Trained(Exception):
@@ -113,6 +130,8 @@ def train_stage(cfg, stage: str, run_dir: Path, clock):
 
     def train(trainer, stage_ctx):
         trainer.callback_handler.callbacks.insert(0, clock)
+        for callback in trainer.callback_handler.callbacks[1:]:
+            time_callback(callback, clock.callback_seconds)
         original(trainer, stage_ctx)
         raise _Trained(trainer)
 
@@ -256,7 +275,7 @@ def pretrain_pipeline(overrides: list[str], warmup: int, steps: int, run_dir: Pa
     own = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "Throughput")
     return {**timing, "tokens": tokens, "tokens_per_second": tokens / timing["seconds"],
             "stage_tokens_per_second": own.tokens_per_second,  # the stage's metric: every step, saves included
-            "losses": clock.losses}
+            "losses": clock.losses, "callback_seconds": clock.callback_seconds}
 
 
 # --------------------------------------------------------------------------- grpo

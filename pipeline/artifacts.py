@@ -214,22 +214,64 @@ def is_hf_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
-def save_final(stage_dir: Path, save_fn) -> Path:
+def save_final(stage_dir: Path, save_fn, dtype=None) -> Path:
     """Write the stage's final checkpoint to a temporary sibling of final/ (`save_fn(tmp_dir)`
     fills it) and return that path. The runner renames it into place with commit_final once
     the stage has returned its metrics, so a final/ on disk is always complete and comes with
     the numbers and config hash it was made with.
 
     Called on every rank: sharded models (ZeRO-3, FSDP) need all ranks to gather the weights,
-    so the temporary path is the same on all of them.
+    so the temporary path is the same on all of them. `dtype` (a torch floating dtype): the
+    floating-point weights are stored in it (cast_checkpoint); None keeps what save_fn wrote.
     """
     tmp = stage_dir / PENDING_FINAL
     if distributed.is_main_process() and tmp.exists():
         shutil.rmtree(tmp)  # left by a killed run; never trusted
     distributed.barrier()
     save_fn(tmp)
+    if dtype is not None and distributed.is_main_process():
+        cast_checkpoint(tmp, dtype)
     distributed.barrier()
     return tmp
+
+
+def cast_checkpoint(directory: Path, dtype) -> None:
+    """Store every floating-point tensor of the safetensors files under `directory` (a model, its
+    base/ and adapter/) in `dtype` (a torch dtype), one file at a time, and record the dtype in
+    each model config.json. Integer and bool tensors stay as they are."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    stored = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}[str(dtype)]
+    for file in sorted(directory.rglob("*.safetensors")):
+        if safetensors_header(file)[1] <= {stored}:  # nothing to cast: the file is not read
+            continue
+        tensors = load_file(file)
+        with safe_open(file, "pt") as opened:
+            metadata = opened.metadata()
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, file, metadata=metadata)
+    for index in directory.rglob("*.safetensors.index.json"):  # its total_size follows the cast
+        record = json.loads(index.read_text())
+        shards = sorted(set(record.get("weight_map", {}).values()))
+        record.setdefault("metadata", {})["total_size"] = sum(safetensors_header(index.parent / s)[0] for s in shards)
+        index.write_text(json.dumps(record, indent=2) + "\n")
+    name = str(dtype).removeprefix("torch.")
+    for config in directory.rglob("config.json"):
+        record = json.loads(config.read_text())
+        if "model_type" in record and (record.get("dtype") != name or "torch_dtype" in record):  # a model's config
+            record["dtype"] = name
+            record.pop("torch_dtype", None)
+            config.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def safetensors_header(file: Path) -> tuple[int, set[str]]:
+    """(bytes of tensor data, the floating-point dtypes: F32, BF16, F16, ...) a safetensors
+    file's header declares."""
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    size = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in entries)
+    return size, {v["dtype"] for v in entries if v["dtype"].startswith(("F", "BF"))}
 
 
 def commit_final(stage_dir: Path, record: dict) -> Path | None:

@@ -160,10 +160,12 @@ RULES: dict[str, Rule] = {
     "optim.muon_lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"),
     # --- trainer (pipeline/trainer_settings.check adds what this machine can run)
     "trainer.precision": Rule("choice", choices=("auto", "bf16", "fp16", "fp32")), "trainer.attn_implementation": TEXT,
+    "trainer.save_dtype": Rule("choice", choices=("auto", "bf16", "fp16", "fp32")),
     "trainer.gradient_checkpointing": BOOL, "trainer.report_to": Rule("names"), "trainer.use_liger_kernel": BOOL,
     # --- peft
     "peft.method": TEXT, "peft.lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"), "peft.rank": COUNT,
     "peft.alpha": POSITIVE, "peft.dropout": FRACTION, "peft.target_modules": TEXTS, "peft.target_parameters": TEXTS,
+    "peft.tiny_lr": Rule("mapping"),  # the tiny models' presets: lr per method
     "peft.num_virtual_tokens": COUNT, "peft.init": Rule("choice", choices=("random", "sample_vocab")),
     # --- task (arithmetic)
     "task.name": TEXT, "task.seed": SEED, "task.min_operands": Rule("int", low=2), "task.max_operands": Rule("int", low=2),
@@ -286,8 +288,14 @@ def check_model_files(cfg: DictConfig, stages: list[str]) -> None:
         stage_cfg = cfg.stages[name]
         if stage_cfg.get("init"):
             check_model_dir(Path(str(stage_cfg.init)).expanduser(), f"stages.{name}.init", name)
-        elif not stage_cfg.get("input_stage") and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.get("path"):
+        elif reads_model_group(stage_cfg) and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.get("path"):
             check_model_dir(Path(str(cfg.model.path)).expanduser(), "model.path", name)
+
+
+def reads_model_group(stage_cfg) -> bool:
+    """The stage may start from the model group: no input_stage, or `model` among its candidates."""
+    value = stage_cfg.get("input_stage")
+    return not value or value == "model" or (not isinstance(value, str) and "model" in list(value))
 
 
 def check_model_dir(path: Path, key: str, stage: str) -> None:

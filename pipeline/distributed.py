@@ -67,3 +67,10 @@ def deepspeed_config() -> dict | None:
     if path != "none":
         return json.loads(Path(path).read_text())
     return {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}}
+
+
+def to_device_unless_sharded(model):
+    """Put a model a stage samples from before its Trainer exists (dpo's on-policy pairs, grpo's
+    prompt filter) on this process's device, as the Trainer would; under ZeRO/FSDP it stays where
+    it is, for the launcher to partition (sampling then runs on the CPU)."""
+    return model if launcher_sharding() else model.to(state().device)

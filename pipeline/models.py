@@ -37,12 +37,14 @@ def build_model(model_cfg, tokenizer, attn_implementation: str | None = None) ->
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
-def load_model(path: str, trust_remote_code: bool = False, attn_implementation: str | None = None) -> PreTrainedModel:
-    """Weights in fp32 (trained master weights; trainer.precision sets the autocast)."""
+def load_model(path: str, trust_remote_code: bool = False, attn_implementation: str | None = None,
+               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A model to train in fp32 (master weights; trainer.precision sets the autocast), or one that
+    only runs forward in `dtype` (trainer_settings.forward_dtype)."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
     return AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation=attn_implementation
+        path, trust_remote_code=trust_remote_code, dtype=dtype, attn_implementation=attn_implementation
     )
 
 
@@ -66,7 +68,7 @@ def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = Fals
         raise ConfigError(f"{stage} input: {err}") from err
 
 
-def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrainedModel | PeftModel:
+def load_policy(path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> PreTrainedModel | PeftModel:
     """The model a stage handed off in `path` (its final/), in either layout a stage writes:
 
     - a plain checkpoint (full fine-tuning, or LoRA merged into its base): a transformers model;
@@ -78,11 +80,11 @@ def load_policy(path: str | Path, trust_remote_code: bool = False) -> PreTrained
     """
     path = Path(path)
     if not is_adapter_checkpoint(path):
-        return load_model(str(path), trust_remote_code)
+        return load_model(str(path), trust_remote_code, dtype=dtype)
     base = path / BASE_DIR
     if not (base / "config.json").is_file():
         base = Path(PeftConfig.from_pretrained(str(path)).base_model_name_or_path)
-    model = load_model(str(base), trust_remote_code)
+    model = load_model(str(base), trust_remote_code, dtype=dtype)
     return PeftModel.from_pretrained(model, str(path))
 
 
@@ -120,22 +122,23 @@ def save_peft_policy(model: PeftModel, tokenizer, out_dir: Path, final_dir: Path
     return merged
 
 
-def save_policy(trainer, tokenizer, stage_dir: Path) -> PreTrainedModel | PeftModel:
+def save_policy(trainer, tokenizer, stage_dir: Path, dtype: torch.dtype | None = None) -> PreTrainedModel | PeftModel:
     """Write a policy-training stage's final/ (atomically, every rank calls it) and return the
     model as handed off: a plain checkpoint for full fine-tuning, save_peft_policy's layout for an
     adapter. Router aux loss off and the tokenizer's stop tokens in generation_config, so plain
-    `generate` on the checkpoint stops where the pipeline's evaluation does."""
+    `generate` on the checkpoint stops where the pipeline's evaluation does. `dtype`: the weights'
+    dtype on disk (trainer_settings.save_dtype); the returned model stays as it trained."""
     model = trainer.model  # wrapped by TRL when an adapter was asked for
     set_router_aux_loss(model, False)
     if getattr(model, "generation_config", None) is not None:  # a reward model has none
         model.generation_config.eos_token_id = stop_token_ids(tokenizer)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if not isinstance(model, PeftModel):
-        artifacts.save_final(stage_dir, trainer.save_model)
+        artifacts.save_final(stage_dir, trainer.save_model, dtype)
         return model
     handed_off = []
     final = stage_dir / artifacts.FINAL
-    artifacts.save_final(stage_dir, lambda tmp: handed_off.append(save_peft_policy(model, tokenizer, tmp, final)))
+    artifacts.save_final(stage_dir, lambda tmp: handed_off.append(save_peft_policy(model, tokenizer, tmp, final)), dtype)
     return handed_off[0]
 
 

@@ -10,20 +10,23 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from pipeline import distributed
 from pipeline.models import router_logits_off, set_router_aux_loss
 from pipeline.tokenizer import load_chat_tokenizer
 
 
-def load_reward_model(path: str | Path, trust_remote_code: bool = False) -> tuple[PreTrainedModel, object]:
-    """(model, tokenizer) of a reward/final/ directory, in eval mode."""
+def load_reward_model(path: str | Path, trust_remote_code: bool = False,
+                      dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) of a reward/final/ directory, in eval mode, weights in `dtype`, on this
+    process's device (its GPU under a launcher)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a reward model directory (no config.json); point at a reward stage's final/")
-    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
     if model.config.num_labels != 1:
         raise ValueError(f"{path}: num_labels={model.config.num_labels}, a reward model has exactly one output")
     set_router_aux_loss(model, False)
-    return model.eval(), load_chat_tokenizer(path, trust_remote_code)
+    return model.eval().to(distributed.state().device), load_chat_tokenizer(path, trust_remote_code)
 
 
 def render_conversation(tokenizer, prompt: str, completion: str) -> str:
@@ -61,8 +64,9 @@ class RewardScorer:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
 
     @classmethod
-    def load(cls, path: str | Path, trust_remote_code: bool = False, batch_size: int = 64) -> "RewardScorer":
-        model, tokenizer = load_reward_model(path, trust_remote_code)
+    def load(cls, path: str | Path, trust_remote_code: bool = False, batch_size: int = 64,
+             dtype: torch.dtype = torch.float32) -> "RewardScorer":
+        model, tokenizer = load_reward_model(path, trust_remote_code, dtype)
         return cls(model, tokenizer, batch_size)
 
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:

@@ -15,7 +15,9 @@ A stage recipe is the module `stages.<name>` with:
 Its config lives at conf/stages/<name>.yaml; `init` sets its input checkpoint explicitly and
 `input_stage` names the stage whose final/ it starts from by default, or lists candidates in
 order of preference (e.g. [grpo, dpo, sft, pretrain]): the first one planned earlier in this
-invocation, else the first one completed in the run dir.
+invocation, else the first one completed in the run dir. The candidate `model` is the model
+group's checkpoint (model.path): a pretrained model starts sft (or grpo, ...) when no earlier
+stage ran.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
-from pipeline import artifacts, distributed, lock, preemption
+from pipeline import artifacts, distributed, hub, lock, preemption
 from pipeline.config_check import check_config
 from pipeline.errors import ConfigError  # noqa: F401 (re-exported: stages import it from here)
 from pipeline.report import write_report
@@ -37,6 +39,7 @@ from pipeline.tasks import Task, build_task
 
 # the canonical chain; the report lists stages in this order
 STAGE_ORDER = ["pretrain", "sft", "reward", "dpo", "grpo", "test_time"]
+MODEL_INPUT = "model"  # an input_stage candidate: the model group's checkpoint
 
 
 @dataclass
@@ -126,10 +129,20 @@ def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) 
     if stage_cfg.get("init"):
         return checkpoint_input(stage_cfg.init, f"stages.{name}.init")
     upstream = upstream_stage(stage_cfg, run_dir, planned)
-    if not upstream:  # starts from the `model` group: a local model, or built from its config
+    if not upstream or upstream == MODEL_INPUT:  # the `model` group: a checkpoint, or built from its config
         if OmegaConf.is_missing(cfg.model, "path"):
-            raise ConfigError("model=hf needs a local model directory: model.path=/path/to/model")
-        return checkpoint_input(cfg.model.path, "model.path") if cfg.model.path else (None, None)
+            raise ConfigError("model=hf needs model.path: a local model directory or a hub name (org/name)")
+        if cfg.model.path:
+            return checkpoint_input(cfg.model.path, "model.path")
+        if upstream == MODEL_INPUT:  # a model built from config has no weights to start from
+            others = [c for c in input_candidates(stage_cfg) if c != MODEL_INPUT]
+            raise ConfigError(
+                f"stage {name!r} starts from the final/ of {' or '.join(others)} (none runs before it or has "
+                f"completed in {run_dir}) or from model.path, and model={cfg.model.arch or 'this model'} is built from "
+                f"config with no weights. Add {others[0]} to run.stages before {name}, set model.path, "
+                f"or set stages.{name}.init=/path/to/checkpoint"
+            )
+        return None, None
     final = run_dir / upstream / artifacts.FINAL
     if upstream in planned:
         return final, planned[upstream]
@@ -173,13 +186,18 @@ def upstream_stage(stage_cfg, run_dir: Path, planned: dict[str, str]) -> str | N
     candidates = input_candidates(stage_cfg)
     for found in (lambda c: c in planned, lambda c: completed_manifest(run_dir, c) is not None):
         for candidate in candidates:
-            if found(candidate):
+            if candidate != MODEL_INPUT and found(candidate):
                 return candidate
+    if MODEL_INPUT in candidates:
+        return MODEL_INPUT
     return candidates[0] if candidates else None
 
 
 def checkpoint_input(value, field: str) -> tuple[Path, str]:
+    """(directory, fingerprint) of a checkpoint named by a local path or a Hugging Face hub name."""
     path = Path(str(value)).expanduser()
+    if not path.exists() and hub.is_repo_id(str(value)):
+        path = hub.download(str(value), field)
     if not artifacts.is_hf_checkpoint(path):
         raise ConfigError(
             f"{field}={value} is not a checkpoint directory (no config.json); "

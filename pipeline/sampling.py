@@ -268,20 +268,22 @@ def _decode(model, chains: _Chains, start, active, limit, *, alpha, stops: torch
     count = torch.zeros(rows, dtype=torch.long)
     running = active.clone()
     fed = 0
+    device = model.device  # the bookkeeping stays on the CPU; the model and its (R, V) math on its device
     for step in range(steps):
         mask = torch.cat([mask, running.long().unsqueeze(1)], dim=1)
         logits = model(
-            input_ids=token_in.unsqueeze(1), attention_mask=mask, position_ids=position.unsqueeze(1),
-            past_key_values=chains.cache, use_cache=True,
+            input_ids=token_in.unsqueeze(1).to(device), attention_mask=mask.to(device),
+            position_ids=position.unsqueeze(1).to(device), past_key_values=chains.cache, use_cache=True,
         ).logits[:, -1]
         fed += 1
         log_p, log_q = token_log_probs(logits, alpha)
         uniforms = torch.full((rows,), 0.5, dtype=torch.float64)
         uniforms[running] = rng.draw(chains.rows[running])
-        sampled = sample_from_uniform(log_q, uniforms)
+        sampled_on_device = sample_from_uniform(log_q, uniforms.to(device)).unsqueeze(1)
+        sampled = sampled_on_device.squeeze(1).cpu()
         new_tokens[running, step] = sampled[running]
-        new_lp[running, step] = log_p.gather(1, sampled.unsqueeze(1)).squeeze(1)[running]
-        new_lq[running, step] = log_q.gather(1, sampled.unsqueeze(1)).squeeze(1)[running]
+        new_lp[running, step] = log_p.gather(1, sampled_on_device).squeeze(1).cpu()[running]
+        new_lq[running, step] = log_q.gather(1, sampled_on_device).squeeze(1).cpu()[running]
         count += running.long()
         finished = torch.isin(sampled, stops) | (start + step + 1 >= limit)
         running = running & ~finished
@@ -314,7 +316,7 @@ def _install(chains: _Chains, start, take, new_tokens, new_lp, new_lq, count, fe
     source = torch.where(take.unsqueeze(1) & (slots >= P + start.unsqueeze(1) - 1), appended, slots)
     source = source.clamp(max=P + width + fed - 1)  # slots past the valid ones: anything, never attended
     for layer in chains.cache.layers:
-        index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3]).to(layer.keys.device)
         layer.keys = layer.keys.gather(2, index)
         layer.values = layer.values.gather(2, index)
 
@@ -350,20 +352,21 @@ def _prefill(model, prompts: list[list[int]], pad_id: int) -> tuple[object, _Cha
     decoder, kind, n_virtual = _virtual_tokens(model)
     rows, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
+    device = decoder.device
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     position = n_virtual + (mask.cumsum(1) - 1).clamp(min=0)
     virtual_mask = torch.ones(rows, n_virtual, dtype=torch.long)
-    inputs = dict(input_ids=ids)
+    inputs = dict(input_ids=ids.to(device))
     if kind == "PREFIX_TUNING":  # the adapter's key/value vectors fill the first cache slots
         cache = model.get_prompt(rows)
     else:
         cache = DynamicCache(config=decoder.config)
     if kind == "PROMPT_TUNING":  # the adapter's embeddings go in before the prompt's
-        embeds = torch.cat([model.get_prompt(rows).to(decoder.dtype), decoder.get_input_embeddings()(ids)], dim=1)
+        embeds = torch.cat([model.get_prompt(rows).to(decoder.dtype), decoder.get_input_embeddings()(ids.to(device))], dim=1)
         inputs = dict(inputs_embeds=embeds)
         position = torch.cat([torch.arange(n_virtual).expand(rows, -1), position], dim=1)
     full_mask = torch.cat([virtual_mask, mask], dim=1)
-    decoder(**inputs, attention_mask=full_mask, position_ids=position, past_key_values=cache, use_cache=True)
+    decoder(**inputs, attention_mask=full_mask.to(device), position_ids=position.to(device), past_key_values=cache, use_cache=True)
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         raise ValueError("power_sample needs full-attention KV cache layers (no sliding window)")
     return decoder, _Chains(

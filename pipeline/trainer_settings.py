@@ -14,8 +14,13 @@ import importlib.util
 import os
 from pathlib import Path
 
+import contextlib
+import dataclasses
+import json
+
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import TrainingArguments
 
 from pipeline.errors import ConfigError
 
@@ -24,6 +29,9 @@ ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", 
 # attention kernels that need a package and a CUDA GPU: (import name, pip name)
 ATTENTION_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface", "flash-attn-3")}
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+# transformers 5.24 renamed gradient_checkpointing (now a deprecated alias); older 5.x has only the old name
+CHECKPOINTING = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                     if name in {f.name for f in dataclasses.fields(TrainingArguments)})
 
 
 def stage_group(cfg, group: str, stage: str) -> DictConfig:
@@ -50,6 +58,59 @@ def precision(cfg, stage: str) -> str:
     return chosen
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def forward_dtype(cfg, stage: str) -> torch.dtype:
+    """The dtype in which `stage` loads the models it only runs forward: DPO's and GRPO's
+    reference, the reward model that scores, test_time's policy."""
+    return DTYPES[precision(cfg, stage)]
+
+
+def reference(cfg, stage: str) -> dict:
+    """DPOConfig/GRPOConfig fields that load the frozen reference in the stage's forward dtype.
+    (TRL builds it from the policy's path with args.model_init_kwargs; its warning that the
+    kwargs are ignored for an instantiated policy is about the policy, not the reference.)"""
+    dtype = forward_dtype(cfg, stage)
+    return {} if dtype == torch.float32 else {"model_init_kwargs": {"dtype": dtype}}
+
+
+def reference_dtype(trainer) -> dict[str, str]:
+    """{"reference_dtype": ...} for metrics.json when the trainer holds a separate reference model."""
+    ref = getattr(trainer, "ref_model", None)
+    if ref is None:
+        return {}
+    ref = getattr(ref, "module", ref)  # a DeepSpeed engine wraps it
+    return {"reference_dtype": str(next(ref.parameters()).dtype).removeprefix("torch.")}
+
+
+def autocast(cfg, stage: str):
+    """A context in which the model a stage trained (fp32 master weights) is evaluated at the
+    stage's precision, as the trainer ran its forward passes."""
+    chosen = precision(cfg, stage)
+    if chosen == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=DTYPES[chosen])
+
+
+def checkpoint_dtype(path: Path | None) -> torch.dtype:
+    """The dtype a Hugging Face checkpoint's config.json records (fp32 when it records none, or
+    for None: a model built from config)."""
+    config = Path(path) / "config.json" if path is not None else None
+    if config is None or not config.is_file():
+        return torch.float32
+    recorded = json.loads(config.read_text())
+    name = recorded.get("dtype") or recorded.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def save_dtype(cfg, stage: str, input_path: Path | None) -> torch.dtype:
+    """The dtype of the stage's final/ weights: save_dtype auto = the input checkpoint's (a bf16
+    model stays bf16; a model built from config saves in fp32)."""
+    chosen = str(settings(cfg, stage).save_dtype)
+    return checkpoint_dtype(input_path) if chosen == "auto" else DTYPES[chosen]
+
+
 def attn_implementation(cfg, stage: str) -> str | None:
     """What to pass as `attn_implementation` to from_pretrained/from_config (None: transformers' choice)."""
     chosen = str(settings(cfg, stage).attn_implementation)
@@ -63,7 +124,7 @@ def report_to(cfg, stage: str) -> list[str]:
 
 
 # what a stage's training_args() uses when no settings are passed (tests building arguments alone)
-PLAIN = dict(bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], dataloader_pin_memory=False)
+PLAIN = {"bf16": False, "fp16": False, CHECKPOINTING: False, "report_to": [], "dataloader_pin_memory": False}
 
 
 def arguments(cfg, stage: str, stage_dir: Path) -> dict:
@@ -82,8 +143,8 @@ def arguments(cfg, stage: str, stage_dir: Path) -> dict:
         bf16=chosen == "bf16",  # mixed precision: master weights and optimizer state stay fp32
         **({"use_cpu": True} if cpu_bf16 else {}),  # transformers allows bf16 without a GPU only so (CPU autocast)
         fp16=chosen == "fp16",
-        gradient_checkpointing=bool(s.gradient_checkpointing),
-        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
+        **{CHECKPOINTING: bool(s.gradient_checkpointing),
+           f"{CHECKPOINTING}_kwargs": {"use_reentrant": False} if s.gradient_checkpointing else None},
         report_to=trackers,
         run_name=f"{cfg.run.name}/{stage}",
         use_liger_kernel=bool(s.use_liger_kernel),

@@ -209,23 +209,26 @@ def run(ctx) -> dict[str, float]:
     set_router_aux_loss(model, ctx.cfg.peft.method != "prefix")  # see router_aux_loss_coef below
     train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
     if cfg.pairs == "on_policy":
-        pairs = on_policy_pairs(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+        model = distributed.to_device_unless_sharded(model)
+        with trainer_settings.autocast(ctx.cfg, ctx.name):
+            pairs = on_policy_pairs(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
         log(f"stage dpo: {len(pairs)} on-policy pairs from {cfg.pair_prompts} prompts x {cfg.samples_per_prompt} samples")
         if not pairs:
             raise RuntimeError("the policy's samples gave no (correct, incorrect) pair; raise stages.dpo.pair_prompts, "
                                "samples_per_prompt or sample_temperature, or use stages.dpo.pairs=task")
         train_data = Dataset.from_list(first_step_pairs(pairs, tokenizer)) if cfg.step_level else conversational_pairs(pairs, 0)[0]
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed,
-                         trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir))
+    shared = {**trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir), **trainer_settings.reference(ctx.cfg, ctx.name)}
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, shared)
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, stage_optim(ctx.cfg, ctx.name))
     before = implicit_rewards(trainer, train_probe, "train_probe_before")
     train_output = preemption.train(trainer, ctx)
     after = {**implicit_rewards(trainer, train_probe, "train_probe"), **implicit_rewards(trainer, eval_data, "eval")}
 
     trainable, total = count_parameters(trainer.model)
-    model = save_policy(trainer, tokenizer, ctx.stage_dir)
-    accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
+        accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", f"dpo loss ({', '.join(args.loss_type)}, beta={args.beta})")
@@ -244,5 +247,6 @@ def run(ctx) -> dict[str, float]:
         "train_pairs": len(train_data),
         "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
         "trainable_parameters": trainable,
+        **trainer_settings.reference_dtype(trainer),
         "total_parameters": total,
     }

@@ -213,8 +213,10 @@ def reward_model_path(stage_cfg, run_dir: Path) -> Path:
     return run_dir / REWARD_STAGE / artifacts.FINAL if value == AUTO else Path(value).expanduser()
 
 
-def build_rewards(stage_cfg, task, run_dir: Path, trust_remote_code: bool) -> tuple[list, list[float]]:
-    """(reward functions, weights) for GRPOTrainer; weight-0 rewards are left out."""
+def build_rewards(stage_cfg, task, run_dir: Path, trust_remote_code: bool,
+                  dtype: torch.dtype = torch.float32) -> tuple[list, list[float]]:
+    """(reward functions, weights) for GRPOTrainer; weight-0 rewards are left out; a reward model
+    scores in `dtype`."""
     funcs, weights = [], []
     for name, weight in stage_cfg.reward_weights.items():
         if float(weight) == 0.0:
@@ -226,7 +228,7 @@ def build_rewards(stage_cfg, task, run_dir: Path, trust_remote_code: bool) -> tu
         else:
             path = reward_model_path(stage_cfg, run_dir)
             try:
-                funcs.append(scorer_reward(RewardScorer.load(path, trust_remote_code, int(stage_cfg.eval_batch_size))))
+                funcs.append(scorer_reward(RewardScorer.load(path, trust_remote_code, int(stage_cfg.eval_batch_size), dtype)))
             except (ValueError, FileNotFoundError) as err:
                 raise ConfigError(f"stages.grpo.reward_model {path}: {err}") from err
         weights.append(float(weight))
@@ -514,27 +516,31 @@ def run(ctx) -> dict[str, float]:
     set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
     restrict_trainable(model, cfg, "grpo")
     peft_config = build_peft_config(ctx.cfg.peft, model)
-    rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust)
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1],
-                         trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir))
-    train_data, filter_metrics = selected_prompts(model, tokenizer, ctx.task, cfg, ctx.cfg.seed, ctx.stage_dir)
+    rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust, trainer_settings.forward_dtype(ctx.cfg, ctx.name))
+    shared = {**trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir), **trainer_settings.reference(ctx.cfg, ctx.name)}
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1], shared)
+    if cfg.filter_samples:
+        model = distributed.to_device_unless_sharded(model)
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
+        train_data, filter_metrics = selected_prompts(model, tokenizer, ctx.task, cfg, ctx.cfg.seed, ctx.stage_dir)
     trainer = build_trainer(model, tokenizer, train_data, args, rewards, cfg, peft_config, stage_optim(ctx.cfg, ctx.name))
 
     eval_options = dict(prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
     curve_problems = ctx.task.eval_problems()[: cfg.curve_problems]
 
     def measure(policy) -> float:
-        return evaluate(policy, tokenizer, ctx.task, curve_problems, temperature=float(cfg.curve_temperature),
-                        **eval_options).accuracy
+        with trainer_settings.autocast(ctx.cfg, ctx.name):
+            return evaluate(policy, tokenizer, ctx.task, curve_problems, temperature=float(cfg.curve_temperature),
+                            **eval_options).accuracy
 
     curve = PassRateCurve(measure, int(cfg.eval_every), int(cfg.num_iterations), ctx.stage_dir / CURVE_FILE, ctx.cfg.seed)
     trainer.add_callback(curve)
     train_output = preemption.train(trainer, ctx)
 
     trainable, total = count_parameters(trainer.model)
-    model = save_policy(trainer, tokenizer, ctx.stage_dir)
-
-    accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
+        accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
 
     history = trainer.state.log_history
     reward_curve, kl_curve = logged(history, "reward"), logged(history, "kl")
@@ -555,6 +561,7 @@ def run(ctx) -> dict[str, float]:
         "curve_eval_s": curve.seconds,
         "rollout_tokens": float(trainer.state.num_input_tokens_seen),
         "trainable_parameters": trainable,
+        **trainer_settings.reference_dtype(trainer),
         "total_parameters": total,
         **filter_metrics,
     }

@@ -144,13 +144,14 @@ def run(ctx) -> dict[str, float]:
     set_router_aux_loss(model, False)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    artifacts.save_final(ctx.stage_dir, trainer.save_model)
+    artifacts.save_final(ctx.stage_dir, trainer.save_model, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
 
     problems = ctx.task.eval_problems()[: cfg.eval_problems]
-    result = evaluate(
-        model, tokenizer, ctx.task, problems, prompt_format="text",
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-    )
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
+        result = evaluate(
+            model, tokenizer, ctx.task, problems, prompt_format="text",
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+        )
     if distributed.is_main_process():
         plot_loss(trainer.state.log_history, ctx.stage_dir / "loss.png", "pretrain loss")
     trainable, total = count_parameters(model)

@@ -108,9 +108,10 @@ def run(ctx) -> dict[str, float]:
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
     trainable, total = count_parameters(trainer.model)
-    model = save_policy(trainer, tokenizer, ctx.stage_dir)
+    model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
 
-    chosen, rejected = pairwise_scores(model.eval(), tokenizer, eval_data, cfg.batch_size)
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
+        chosen, rejected = pairwise_scores(model.eval(), tokenizer, eval_data, cfg.batch_size)
     margin = chosen - rejected
     # per kind of rejected answer, where the task labels them (arithmetic: carried, step, digit)
     kinds = [p.get("kind") for p in ctx.task.preference_pairs()[-len(eval_data) :]]

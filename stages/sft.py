@@ -164,8 +164,9 @@ def run(ctx) -> dict[str, float]:
     eval_metrics = trainer.evaluate()
 
     trainable, total = count_parameters(trainer.model)
-    model = save_policy(trainer, tokenizer, ctx.stage_dir)
-    accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
+        accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", "sft loss (response tokens)")

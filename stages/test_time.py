@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 
-from pipeline import artifacts, distributed, preemption
+from pipeline import artifacts, distributed, preemption, trainer_settings
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
 from pipeline.runner import ConfigError, completed_manifest, log
@@ -99,9 +100,9 @@ def reward_model_path(stage_cfg, run_dir: Path) -> tuple[Path | None, str]:
     return None, f"reward_model=auto and {path} does not exist (no reward stage in this run)"
 
 
-def load_reward(path: Path, trust_remote_code: bool, batch_size: int) -> RewardScorer:
+def load_reward(path: Path, trust_remote_code: bool, batch_size: int, dtype: torch.dtype) -> RewardScorer:
     try:
-        return RewardScorer.load(path, trust_remote_code, batch_size)
+        return RewardScorer.load(path, trust_remote_code, batch_size, dtype)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"reward model {path}: {err}") from err
 
@@ -162,7 +163,8 @@ def run(ctx) -> dict[str, float]:
     validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
-    model = load_policy(ctx.input_path.resolve(), trust)
+    dtype = trainer_settings.forward_dtype(ctx.cfg, ctx.name)  # test_time only runs forward
+    model = load_policy(ctx.input_path.resolve(), trust, dtype).to(distributed.state().device)
     settings = settings_from(cfg, ctx.cfg.seed)
     methods = list(cfg.methods)
     reward = None
@@ -172,7 +174,7 @@ def run(ctx) -> dict[str, float]:
             log(f"stage test_time: best_of_n left out: {reason}")
             methods.remove("best_of_n")
         else:
-            reward = load_reward(path, trust, settings.batch_size)
+            reward = load_reward(path, trust, settings.batch_size, dtype)
     problems = ctx.task.eval_problems()[: cfg.eval_problems]
     results, candidates = [], {}  # majority_vote and best_of_n share their candidates
     for method in methods:
@@ -181,7 +183,7 @@ def run(ctx) -> dict[str, float]:
         log(f"stage test_time: {method}: accuracy {result.accuracy:.3f}, {result.tokens_per_problem:.1f} tokens/problem, "
             f"{result.wall_time_s:.1f}s")
         results.append(result)
-    metrics: dict[str, float] = {"eval_num_problems": len(problems)}
+    metrics: dict[str, float] = {"eval_num_problems": len(problems), "model_dtype": str(dtype).removeprefix("torch.")}
     for r in results:
         metrics[f"accuracy/{r.method}"] = r.accuracy
         metrics[f"tokens_per_problem/{r.method}"] = r.tokens_per_problem

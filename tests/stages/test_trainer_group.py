@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import artifacts
 from tests.conftest import SMOKE_CHAIN, run_cli
 
 TRAINING = ("pretrain", "sft", "reward", "dpo", "grpo")
@@ -48,8 +49,51 @@ def test_bf16_trains_under_bf16_autocast_in_every_training_stage(bf16_chain, smo
         m = metrics(bf16_chain, stage)
         assert m["train_loss"] < m["train_loss_first"], stage
         assert first_logged_loss(bf16_chain, stage) != first_logged_loss(smoke_chain_run, stage)  # not fp32 under another name
-    # final/ of a bf16 run loads and answers (test_time read the grpo final of this chain)
+    # final/ of a bf16 run loads and answers (test_time read the grpo final of this chain), its
+    # policy loaded in bf16 as a forward-only model; the fp32 run's in fp32
     assert metrics(bf16_chain, "test_time")["eval_num_problems"] > 0
+    assert metrics(bf16_chain, "test_time")["model_dtype"] == "bfloat16"
+    assert metrics(smoke_chain_run, "test_time")["model_dtype"] == "float32"
+    for stage in ("dpo", "grpo"):  # the frozen references: forward-only, loaded in bf16
+        assert metrics(bf16_chain, stage)["reference_dtype"] == "bfloat16", stage
+        assert metrics(smoke_chain_run, stage)["reference_dtype"] == "float32", stage
+    # the model was built from config: every final/ stays fp32 (save_dtype auto follows the input)
+    for stage in TRAINING:
+        assert safetensors_dtypes(bf16_chain / stage / "final") == {"F32"}, stage
+
+
+def safetensors_dtypes(directory: Path) -> set[str]:
+    """The dtypes of the floating-point tensors in a checkpoint's safetensors files, as stored."""
+    return set().union(*(artifacts.safetensors_header(file)[1] for file in directory.glob("*.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(smoke_pretrain_run, tmp_path_factory) -> Path:
+    """The smoke pretrain's final/ re-saved in bf16, as a user's bf16 hub checkpoint comes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bf16_input") / "model"
+    source = smoke_pretrain_run / "pretrain" / "final"
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    return out
+
+
+@pytest.mark.parametrize("save_dtype, stored, recorded", [("auto", "BF16", "bfloat16"), ("fp32", "F32", "float32")])
+def test_a_bf16_input_comes_out_of_sft_in_bf16_unless_save_dtype_says(bf16_checkpoint, tmp_path, save_dtype, stored, recorded):
+    run_dir = tmp_path / "run"
+    run_cli("preset=smoke", "run.stages=[sft]", f"run.dir={run_dir}", f"stages.sft.init={bf16_checkpoint}",
+            f"trainer.save_dtype={save_dtype}", "stages.sft.max_steps=4", "stages.sft.save_steps=4",
+            "stages.sft.eval_steps=4", "stages.sft.logging_steps=2", "trainer.report_to=none")
+    final = run_dir / "sft" / "final"
+    assert safetensors_dtypes(final) == {stored}
+    assert json.loads((final / "config.json").read_text())["dtype"] == recorded
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(final, dtype="auto")
+    assert str(loaded.dtype) == f"torch.{recorded}"
 
 
 def test_tensorboard_event_files_hold_each_stages_training_loss(smoke_chain_run):

@@ -104,7 +104,7 @@ def test_skip_resume_decisions(tmp_path, status, stored_hash, final, checkpoints
 
 
 def test_model_hf_needs_a_real_path(tmp_path):
-    with pytest.raises(ConfigError, match=r"model=hf needs a local model directory: model.path="):
+    with pytest.raises(ConfigError, match=r"model=hf needs model.path: a local model directory or a hub name"):
         plan_stages(compose_config(["model=hf"]), tmp_path)
     with pytest.raises(ConfigError, match=r"model.path=.* is not a checkpoint directory"):
         plan_stages(compose_config(["model=hf", f"model.path={tmp_path}"]), tmp_path)

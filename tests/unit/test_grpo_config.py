@@ -58,14 +58,16 @@ def test_reward_model_checkpoint_is_accepted_and_fingerprinted(tmp_path):
 
 
 def test_demo_experts_scope_on_a_dense_model_fails_when_the_chain_is_planned(tmp_path):
-    """The default chain with model=tiny_dense: grpo's train_only (preset=demo) names MoE experts;
-    refused from the model config alone, before pretrain computes anything."""
-    cfg = compose_config(["model=tiny_dense", f"run.dir={tmp_path}"])
+    """model=tiny_dense gets its own preset, whose grpo trains the last block's dense MLP; the MoE
+    demo's experts pattern forced onto it (preset=demo) is refused from the model config alone,
+    before pretrain computes anything."""
+    dense = compose_config(["model=tiny_dense", f"run.dir={tmp_path}"])
+    assert list(dense.stages.grpo.train_only) == [r"layers\.{last}\.mlp\.", r"^model\.norm\."]
+    assert [p.name for p in plan_stages(dense, tmp_path)][-2:] == ["grpo", "test_time"]
+    cfg = compose_config(["model=tiny_dense", "preset=demo", f"run.dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"train_only: .*experts.* matches no parameter of Qwen3ForCausalLM; "
                                           r"fix it or set stages.grpo.train_only=\[\]"):
         plan_stages(cfg, tmp_path)
-    dense_all = compose_config(["model=tiny_dense", "stages.grpo.train_only=[]", f"run.dir={tmp_path}"])
-    assert [p.name for p in plan_stages(dense_all, tmp_path)][-2:] == ["grpo", "test_time"]
 
 
 @pytest.mark.parametrize(

@@ -8,21 +8,26 @@ from pipeline.errors import ConfigError
 from tests.conftest import compose_config
 
 
+CKPT = trainer_settings.CHECKPOINTING  # activation_checkpointing from transformers 5.24 on
+
+
 def test_defaults_on_this_cpu_machine(tmp_path):
-    cfg = compose_config(["run.name=exp"])
+    cfg = compose_config(["run.name=exp"])  # the demo preset: no activation checkpointing on the tiny model
     args = trainer_settings.arguments(cfg, "sft", tmp_path)
-    assert (args["bf16"], args["fp16"], args["gradient_checkpointing"]) == (False, False, False)
+    assert (args["bf16"], args["fp16"], args[CKPT]) == (False, False, False)
     assert args["report_to"] == ["tensorboard"] and args["run_name"] == "exp/sft"
     assert trainer_settings.precision(cfg, "sft") == "fp32"  # auto without a GPU
     assert trainer_settings.attn_implementation(cfg, "sft") is None  # auto: transformers' choice
+    general = trainer_settings.arguments(compose_config(["preset=none"]), "sft", tmp_path)
+    assert general[CKPT] and general[f"{CKPT}_kwargs"] == {"use_reentrant": False}  # on, as in TRL's configs
 
 
 def test_a_stage_overrides_the_group(tmp_path):
     cfg = compose_config(["trainer.precision=bf16", "trainer.gradient_checkpointing=true",
                           "stages.grpo.trainer={precision:fp32,report_to:none}"])
     sft, grpo = trainer_settings.arguments(cfg, "sft", tmp_path), trainer_settings.arguments(cfg, "grpo", tmp_path)
-    assert sft["bf16"] and sft["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
-    assert not grpo["bf16"] and grpo["report_to"] == [] and grpo["gradient_checkpointing"]
+    assert sft["bf16"] and sft[f"{CKPT}_kwargs"] == {"use_reentrant": False}
+    assert not grpo["bf16"] and grpo["report_to"] == [] and grpo[CKPT]
     assert cfg.trainer.precision == "bf16"  # the group is untouched
 
 
