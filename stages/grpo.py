@@ -30,7 +30,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from pipeline import artifacts, distributed, preemption, reward_functions, trainer_settings
+from pipeline import artifacts, distributed, math_answers, preemption, reward_functions, trainer_settings
 from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate, evaluate_policy
 from pipeline.models import (
@@ -51,7 +51,7 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vesp
 TOKEN_MEAN_LOSSES = ("dapo", "cispo", "bnpo")  # where a per-token loss weight is a weighted token mean
 SCALE_REWARDS = ("group", "batch", "none")
 ZERO_VARIANCE = ("keep", "filter", "downweight")
-REWARDS = ("correct", "format", "reward_model")
+REWARDS = ("correct", "format", "reward_model", "math")
 REWARD_STAGE = "reward"
 AUTO = "auto"  # stages.grpo.reward_model=auto: this run's reward/final/
 CURVE_FILE = "pass_rate_curve.jsonl"
@@ -199,6 +199,15 @@ def verifier_reward(task) -> Callable[..., list[float]]:
     return correct
 
 
+def math_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's answer (its last \\boxed{}, else its last number) is
+    mathematically equal to the reference `answer` (math-verify; pipeline/math_answers.py)."""
+    return [math_answers.verify(completion_text(c), str(a)) for c, a in zip(completions, answer, strict=True)]
+
+
+math_reward.__name__ = "math"  # TRL logs rewards/math
+
+
 def format_reward(pattern: str) -> Callable[..., list[float]]:
     """1.0 when the completion contains a match of `pattern` (e.g. a well-formed answer line)."""
     regex = re.compile(pattern)
@@ -240,6 +249,8 @@ def build_rewards(stage_cfg, task, run_dir: Path, trust_remote_code: bool,
             funcs.append(verifier_reward(task))
         elif name == "format":
             funcs.append(format_reward(stage_cfg.format_pattern))
+        elif name == "math":
+            funcs.append(math_reward)
         elif name in (stage_cfg.get("reward_functions") or {}):
             path = str(stage_cfg.reward_functions[name])
             funcs.append(reward_functions.checked(name, reward_functions.load(path, f"stages.grpo.reward_functions.{name}")))

@@ -13,8 +13,10 @@ import json
 import os
 import re
 
+from pipeline import math_answers
 from pipeline.tasks.base import Task
 
+VERIFIERS = ("regex", "math")  # task.verifier
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DEFAULT_MAX_CHARS = 100_000
 
@@ -98,6 +100,9 @@ class JsonlTask(Task):
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.verifier = str(cfg.get("verifier", "regex"))
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"task.verifier={self.verifier!r}; valid: {', '.join(VERIFIERS)}")
         self._pattern = re.compile(cfg.answer_pattern)
         if "answer" not in self._pattern.groupindex:
             raise ValueError(f"task.answer_pattern {cfg.answer_pattern!r} needs a named group (?P<answer>...)")
@@ -163,9 +168,13 @@ class JsonlTask(Task):
         return self.cfg.text_prompt.replace("{prompt}", prompt)
 
     def extract_answer(self, completion: str) -> str | None:
+        if self.verifier == "math":
+            return math_answers.extract(completion)
         match = self._pattern.search(completion)
         return match.group("answer").strip() if match else None
 
     def verify(self, completion: str, answer: str) -> float:
+        if self.verifier == "math":
+            return math_answers.verify(completion, answer)
         match = self._pattern.search(completion)
         return 1.0 if match and match.group("answer").strip() == answer.strip() else 0.0
