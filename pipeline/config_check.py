@@ -175,7 +175,7 @@ RULES: dict[str, Rule] = {
     "task.n_pretrain": COUNT, "task.n_sft": COUNT, "task.n_preference": COUNT, "task.n_rl": COUNT, "task.n_eval": COUNT,
     # --- task (jsonl)
     "task.splits": Rule("any"), "task.hf_split": TEXT, "task.columns": Rule("any"), "task.answer_pattern": REGEX,
-    "task.verifier": Rule("choice", choices=("regex", "math")),
+    "task.verifier": Rule("choice", choices=("regex", "math")), "task.hf_splits": Rule("any"),
     "task.text_prompt": TEXT, "task.max_chars": COUNT,
 }
 NESTED = {  # mappings whose values are checked one by one

@@ -112,7 +112,7 @@ class JsonlTask(Task):
         if not source:
             raise ValueError(f"task=jsonl: a stage needs the '{split}' split; set task.splits.{split}=/path/to/file.jsonl")
         try:
-            rows = load_rows(str(source), self.cfg.hf_split)
+            rows = load_rows(str(source), str((self.cfg.get("hf_splits") or {}).get(split, self.cfg.hf_split)))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"task=jsonl: split '{split}': {err}; set task.splits.{split} to an existing file") from err
         except ValueError as err:
