@@ -1,7 +1,7 @@
 """Math answer checking with math-verify: the model's answer is the last `\\boxed{...}` in its
 text, or the last number or arithmetic expression where there is none; it is right when it is
 mathematically equal to the reference (`\\frac{1}{2}`, `0.5` and `1/2` agree; `x=3` and `3` do).
-A GSM8K reference solution counts by its final `#### 42` line.
+A GSM8K reference solution counts by its final `#### 42` line, a MATH one by its last `\\boxed{}`.
 
 Model text is never executed: math-verify reads LaTeX with its own ANTLR grammar, and the only
 strings that reach sympy's expression parser are matched by a regex of digits, dots, spaces and
@@ -21,11 +21,13 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)  # it logs every timeou
 
 
 def reference(answer: str) -> str:
-    """The reference answer as LaTeX: a GSM8K solution's `#### 42` (thousands commas dropped),
-    else the answer as given."""
+    """The reference as math-verify should read it: a GSM8K solution's `#### 42` (thousands
+    commas dropped) boxed; a worked solution with a `\\boxed{}` (MATH) as it is; a bare answer
+    (`\\frac{1}{2}`, `42`) boxed."""
     final = GSM8K_FINAL.search(answer.strip())
-    text = final.group("answer").replace(",", "") if final else answer.strip()
-    return text
+    if final:
+        return f"\\boxed{{{final.group('answer').replace(',', '')}}}"
+    return answer if "\\boxed" in answer else f"\\boxed{{{answer.strip()}}}"
 
 
 def extract(completion: str, timeout_s: int = TIMEOUT_S) -> str | None:
@@ -41,7 +43,7 @@ def verify(completion: str, answer: str, timeout_s: int = TIMEOUT_S) -> float:
     from math_verify import parse
     from math_verify import verify as equal
 
-    gold = parse(f"\\boxed{{{reference(answer)}}}", parsing_timeout=timeout_s)
+    gold = parse(reference(answer), parsing_timeout=timeout_s)
     predicted = parse(completion, parsing_timeout=timeout_s)
     if not gold or not predicted:
         return 0.0

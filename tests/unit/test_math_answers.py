@@ -70,3 +70,22 @@ def test_task_verifier_math_checks_by_value_and_an_unknown_verifier_is_refused()
     assert regex.verify("A: 0.75", "3/4") == 0.0  # the default compares strings
     with pytest.raises(ValueError, match=r"task.verifier='sympy'; valid: regex, math"):
         JsonlTask(compose_config(["task=jsonl", "task.verifier=sympy"]).task)
+
+
+def test_task_math_reads_math_schema_rows_and_checks_the_boxed_answer(tmp_path):
+    import json
+
+    from pipeline.tasks import build_task
+
+    rows = [{"problem": "What is $1/2 + 1/4$?", "solution": "Add: $\\frac{1}{2}+\\frac{1}{4}=\\boxed{\\frac{3}{4}}$.",
+             "answer": "\\frac{3}{4}", "level": "Level 1", "type": "Prealgebra"}]
+    (tmp_path / "train.jsonl").write_text(json.dumps({k: rows[0][k] for k in ("problem", "solution")}))
+    (tmp_path / "test.jsonl").write_text(json.dumps(rows[0]))
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"  # two datasets on the hub, two files here
+    cfg = compose_config(["task=math", f"task.splits.sft={train}", f"task.splits.rl={train}", f"task.splits.eval={test}"])
+    task = build_task(cfg.task)
+    problem = task.eval_problems()[0]
+    assert problem["prompt"] == rows[0]["problem"]
+    assert task.verify("so the sum is 0.75", problem["answer"]) == 1.0
+    assert task.verify("\\boxed{\\frac{3}{5}}", problem["answer"]) == 0.0
+    assert task.sft_examples()[0]["completion"] == rows[0]["solution"]
