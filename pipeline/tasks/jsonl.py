@@ -95,6 +95,29 @@ def value_problem(field: str, value, max_chars: int) -> str | None:
     return None
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def messages_problem(value) -> str | None:
+    """What is wrong with a `messages` value (a conversation: a list of {role, content} turns, an
+    optional system turn first, at least one assistant turn), or None."""
+    if not isinstance(value, list) or not value:
+        return (f"the value is {type(value).__name__ if value is not None else 'null'}, not a conversation; "
+                "write a list of {\"role\": ..., \"content\": ...} turns")
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict) or set(turn) - {"role", "content"} - {"name"} or "role" not in turn:
+            return f"turn {number} is not a {{\"role\", \"content\"}} object ({str(turn)[:60]})"
+        if turn["role"] not in ROLES:
+            return f"turn {number} has role {turn['role']!r}; roles are {', '.join(ROLES)}"
+        if turn["role"] == "system" and number != 1:
+            return f"turn {number} is a system turn; only the first turn may be one"
+        if not isinstance(turn.get("content"), str):
+            return f"turn {number}'s content is {type(turn.get('content')).__name__}, not a string"
+    if not any(turn["role"] == "assistant" for turn in value):
+        return "the conversation has no assistant turn, so nothing to train on"
+    return None
+
+
 class JsonlTask(Task):
     name = "jsonl"
 
@@ -131,20 +154,38 @@ class JsonlTask(Task):
         for index, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values())))):
             values = {}
             for field, column in wanted.items():
-                problem = value_problem(field, row[column], max_chars)
+                problem = (messages_problem(row[column]) if field == "messages"
+                           else value_problem(field, row[column], max_chars))
                 if problem:
                     named = f"column {column!r}" + (f" (task.columns.{field})" if column != field else "")
                     raise ValueError(f"task=jsonl: split '{split}' ({source}) {row_name(str(source), index)}, {named}: {problem}")
-                values[field] = row[column] if isinstance(row[column], str) else str(row[column])
+                values[field] = row[column] if isinstance(row[column], (str, list)) else str(row[column])
             out.append(values)
         return out
 
     def validate(self, splits: list[str]) -> None:
         """Read the named splits now, so a bad path or column fails before any compute."""
-        fields = {"pretrain": ["text"], "sft": ["prompt", "completion"],
+        fields = {"pretrain": ["text"], "sft": self._sft_fields(),
                   "preference": ["prompt", "chosen", "rejected"], "rl": ["prompt", "answer"], "eval": ["prompt", "answer"]}
         for split in splits:
             self._read(split, fields[split])
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.cfg.splits.get(split))
+
+    def _sft_fields(self) -> list[str]:
+        """messages when the sft split has the messages column (task.columns.messages) and no
+        completion column, else prompt and completion."""
+        source = self.cfg.splits.get("sft")
+        column = self.cfg.columns.get("messages", "messages")
+        if source:
+            try:
+                names = load_rows(str(source), str((self.cfg.get("hf_splits") or {}).get("sft", self.cfg.hf_split))).column_names
+            except (FileNotFoundError, ValueError):
+                return ["prompt", "completion"]  # _read reports it
+            if column in names and self.cfg.columns.completion not in names:
+                return ["messages"]
+        return ["prompt", "completion"]
 
     def pretrain_texts(self) -> list[str]:
         return [r["text"] for r in self._read("pretrain", ["text"])]
@@ -153,7 +194,7 @@ class JsonlTask(Task):
         return [self.text_prompt(r["prompt"]) + r["answer"] for r in self._read("eval", ["prompt", "answer"])]
 
     def sft_examples(self) -> list[dict]:
-        return self._read("sft", ["prompt", "completion"])
+        return self._read("sft", self._sft_fields())
 
     def preference_pairs(self) -> list[dict]:
         return self._read("preference", ["prompt", "chosen", "rejected"])
