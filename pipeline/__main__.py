@@ -54,6 +54,11 @@ def main() -> None:
         sys.exit(CONFIG_ERROR_EXIT_CODE)
 
 
+# Hydra's flags that take the next argument as their value
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+               "--info", "-i", "--experimental-rerun"}
+
+
 def name_bad_override(args: list[str]) -> None:
     """Hydra's parse error quotes only the bad fragment ("no viable alternative at input '[1,'");
     say which argument it was."""
@@ -61,7 +66,12 @@ def name_bad_override(args: list[str]) -> None:
     from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
-    for arg in (a for a in args if not a.startswith("-")):
+    overrides = []
+    for index, arg in enumerate(args):
+        after_flag = index > 0 and args[index - 1] in VALUE_FLAGS and "=" not in arg and not arg.startswith("~")
+        if not arg.startswith("-") and not after_flag:  # `--cfg job`: "job" is the flag's value
+            overrides.append(arg)
+    for arg in overrides:
         try:
             parser.parse_overrides([arg])
         except OverrideParseException:

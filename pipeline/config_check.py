@@ -140,7 +140,7 @@ RULES: dict[str, Rule] = {
     "label_smoothing": Rule("number", low=0, high=0.5),
     "epsilon": POSITIVE, "epsilon_high": POSITIVE, "entropy_coef": NUMBER,
     "scale_rewards": TEXT, "zero_variance": TEXT, "vllm_mode": Rule("choice", choices=("colocate", "server")),
-    "reward_weights": Rule("mapping"), "reward_model": TEXT,
+    "reward_weights": Rule("mapping"), "reward_model": TEXT, "reward_functions": Rule("any"),
     "optim": Rule("any", null="the optim group as is"),
     "trainer": Rule("any", null="the trainer group as is"),  # a stage's optim overrides: checked merged over the optim group below
     "router_aux_loss_coef": Rule("number", low=0, null="the model config's coefficient"),
@@ -175,6 +175,7 @@ RULES: dict[str, Rule] = {
     "task.n_pretrain": COUNT, "task.n_sft": COUNT, "task.n_preference": COUNT, "task.n_rl": COUNT, "task.n_eval": COUNT,
     # --- task (jsonl)
     "task.splits": Rule("any"), "task.hf_split": TEXT, "task.columns": Rule("any"), "task.answer_pattern": REGEX,
+    "task.verifier": Rule("choice", choices=("regex", "math")), "task.hf_splits": Rule("any"),
     "task.text_prompt": TEXT, "task.max_chars": COUNT,
 }
 NESTED = {  # mappings whose values are checked one by one

@@ -3,6 +3,7 @@ resumes interrupted ones, and writes manifests, metrics and the report.
 
 A stage recipe is the module `stages.<name>` with:
     SPLITS  task splits it reads (checked before any compute starts)
+    OPTIONAL_SPLITS  optional: splits it reads when the task has them (e.g. sft's eval)
     USES    top-level config groups that change its result (part of its config hash)
     run(ctx: StageContext) -> dict[str, float]   trains, saves final/, returns metrics
     validate(cfg, input_path) -> None   optional: cheap checks of the stage's config and of an
@@ -87,12 +88,18 @@ def load_stage_module(name: str, cfg: DictConfig):
         raise
 
 
+def stage_splits(module, task: Task | None = None) -> tuple[str, ...]:
+    """The task splits a stage reads: SPLITS, and OPTIONAL_SPLITS the task has (all, without a task)."""
+    optional = getattr(module, "OPTIONAL_SPLITS", ())
+    return tuple(module.SPLITS) + tuple(s for s in optional if task is None or task.has_split(s))
+
+
 def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None, extra: str | None = None) -> str:
     payload = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in module.USES}
     payload["stage"] = OmegaConf.to_container(cfg.stages[name], resolve=True)
     payload["seed"] = cfg.seed
     payload["input"] = input_fingerprint
-    payload["data"] = data_fingerprints(cfg.task, module.SPLITS)
+    payload["data"] = data_fingerprints(cfg.task, stage_splits(module))
     if extra is not None:
         payload["extra_inputs"] = extra
     return artifacts.config_hash(payload)
@@ -248,7 +255,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
     try:
         try:
             task = build_task(cfg.task)
-            task.validate(sorted({split for plan in plans for split in plan.module.SPLITS}))
+            task.validate(sorted({split for plan in plans for split in stage_splits(plan.module, task)}))
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from err
 

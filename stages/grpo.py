@@ -30,7 +30,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from pipeline import artifacts, distributed, preemption, trainer_settings
+from pipeline import artifacts, distributed, math_answers, preemption, reward_functions, trainer_settings
 from pipeline.adapters import build_peft_config, check_peft_config
 from pipeline.evaluate import evaluate, evaluate_policy
 from pipeline.models import (
@@ -51,7 +51,7 @@ LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vesp
 TOKEN_MEAN_LOSSES = ("dapo", "cispo", "bnpo")  # where a per-token loss weight is a weighted token mean
 SCALE_REWARDS = ("group", "batch", "none")
 ZERO_VARIANCE = ("keep", "filter", "downweight")
-REWARDS = ("correct", "format", "reward_model")
+REWARDS = ("correct", "format", "reward_model", "math")
 REWARD_STAGE = "reward"
 AUTO = "auto"  # stages.grpo.reward_model=auto: this run's reward/final/
 CURVE_FILE = "pass_rate_curve.jsonl"
@@ -119,9 +119,17 @@ def check_objective(cfg) -> None:
 def check_rewards(cfg) -> None:
     stage = cfg.stages.grpo
     weights = dict(stage.reward_weights)
-    unknown = set(weights) - set(REWARDS)
+    user = dict(stage.get("reward_functions") or {})
+    for name in set(user) & set(REWARDS):
+        raise ConfigError(f"stages.grpo.reward_functions.{name}: {name} is a built-in reward; choose another name")
+    unknown = set(weights) - set(REWARDS) - set(user)
     if unknown:
-        raise ConfigError(f"stages.grpo.reward_weights has unknown rewards {sorted(unknown)}; valid: {', '.join(REWARDS)}")
+        raise ConfigError(f"stages.grpo.reward_weights has unknown rewards {sorted(unknown)}; valid: "
+                          f"{', '.join([*REWARDS, *user])} (a function of your own: add it to stages.grpo.reward_functions "
+                          "as name: package.module:function)")
+    for name, path in user.items():
+        if float(weights.get(name, 0.0)) != 0.0:
+            reward_functions.load(str(path), f"stages.grpo.reward_functions.{name}")
     if not any(float(w) != 0.0 for w in weights.values()):
         raise ConfigError("stages.grpo.reward_weights are all 0; give at least one reward a weight, e.g. correct: 1.0")
     if weights.get("format", 0.0):
@@ -150,9 +158,17 @@ def check_rewards(cfg) -> None:
 
 
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
-    """The reward model's fingerprint (part of the config hash) when grpo uses one: a new reward
-    model reruns grpo."""
+    """Part of the config hash: the reward model's fingerprint when grpo uses one (a new reward
+    model reruns grpo) and the source files of the user's reward functions (an edited one does)."""
     stage = cfg.stages.grpo
+    parts = [f"{name}:{reward_functions.source_fingerprint(str(path))}"
+             for name, path in sorted((stage.get("reward_functions") or {}).items())
+             if float(stage.reward_weights.get(name, 0.0)) != 0.0]
+    model = reward_model_input(stage, run_dir, planned)
+    return "|".join(parts + ([model] if model else [])) or None
+
+
+def reward_model_input(stage, run_dir: Path, planned: dict[str, str]) -> str | None:
     if float(stage.reward_weights.get("reward_model", 0.0)) == 0.0:
         return None
     if str(stage.reward_model) != AUTO:
@@ -161,7 +177,6 @@ def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
         return f"reward:{planned[REWARD_STAGE]}"
     manifest = completed_manifest(run_dir, REWARD_STAGE)
     return f"reward:{manifest['config_hash']}" if manifest else None
-
 
 
 # --------------------------------------------------------------------------- rewards
@@ -182,6 +197,15 @@ def verifier_reward(task) -> Callable[..., list[float]]:
         return [float(task.verify(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
 
     return correct
+
+
+def math_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's answer (its last \\boxed{}, else its last number) is
+    mathematically equal to the reference `answer` (math-verify; pipeline/math_answers.py)."""
+    return [math_answers.verify(completion_text(c), str(a)) for c, a in zip(completions, answer, strict=True)]
+
+
+math_reward.__name__ = "math"  # TRL logs rewards/math
 
 
 def format_reward(pattern: str) -> Callable[..., list[float]]:
@@ -225,6 +249,11 @@ def build_rewards(stage_cfg, task, run_dir: Path, trust_remote_code: bool,
             funcs.append(verifier_reward(task))
         elif name == "format":
             funcs.append(format_reward(stage_cfg.format_pattern))
+        elif name == "math":
+            funcs.append(math_reward)
+        elif name in (stage_cfg.get("reward_functions") or {}):
+            path = str(stage_cfg.reward_functions[name])
+            funcs.append(reward_functions.checked(name, reward_functions.load(path, f"stages.grpo.reward_functions.{name}")))
         else:
             path = reward_model_path(stage_cfg, run_dir)
             try:

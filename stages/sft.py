@@ -33,9 +33,10 @@ from pipeline.models import (
 from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
-from pipeline.runner import ConfigError
+from pipeline.runner import ConfigError, log
 
-SPLITS = ("sft", "eval")
+SPLITS = ("sft",)
+OPTIONAL_SPLITS = ("eval",)  # held-out accuracy when the task has problems with answers; else eval_loss only
 USES = ("task", "optim", "peft")
 
 
@@ -72,10 +73,40 @@ def tokenize_chat(tokenizer, prompt: str, completion: str) -> dict[str, list[int
     return {"input_ids": input_ids, "completion_mask": [0] * n_prompt + [1] * (len(input_ids) - n_prompt)}
 
 
+def tokenize_messages(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
+    """A whole conversation through the chat template, with completion_mask 1 on every
+    assistant turn (from where it departs from the conversation before it rendered with the
+    generation prompt, to the end of the turn) and 0 on system and user turns."""
+
+    def ids(turns, generation_prompt=False) -> list[int]:
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=generation_prompt, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    input_ids = ids(messages)
+    mask = [0] * len(input_ids)
+    for k, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start = common_prefix_length(ids(messages[:k], generation_prompt=True) if k else [], input_ids)
+        through = ids(messages[: k + 1])
+        if input_ids[: len(through)] != through:
+            raise ValueError("the chat template renders a conversation differently from its first turns (it is not "
+                             "prefix-consistent), so the assistant turns cannot be located; use prompt/completion rows")
+        mask[start : len(through)] = [1] * (len(through) - start)
+    return {"input_ids": input_ids, "completion_mask": mask}
+
+
 def tokenize_text(tokenizer, text: str) -> dict[str, list[int]]:
     """A pretraining document as in pretrain (text + eos), every token in the loss."""
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return {"input_ids": input_ids, "completion_mask": [1] * len(input_ids)}
+
+
+def tokenize_example(tokenizer, example: dict) -> dict[str, list[int]]:
+    """An sft example: a conversation (`messages`) or a prompt/completion pair."""
+    if "messages" in example:
+        return tokenize_messages(tokenizer, example["messages"])
+    return tokenize_chat(tokenizer, example["prompt"], example["completion"])
 
 
 def build_datasets(tokenizer, task, stage_cfg, seed: int) -> tuple[Dataset, Dataset]:
@@ -85,12 +116,12 @@ def build_datasets(tokenizer, task, stage_cfg, seed: int) -> tuple[Dataset, Data
     n_eval = int(stage_cfg.eval_examples)
     if len(examples) <= n_eval:
         raise ValueError(f"{len(examples)} sft examples leave none for training after stages.sft.eval_examples={n_eval}")
-    rows = [tokenize_chat(tokenizer, e["prompt"], e["completion"]) for e in examples[:-n_eval]]
+    rows = [tokenize_example(tokenizer, e) for e in examples[:-n_eval]]
     n_mix = round(len(rows) * stage_cfg.pretrain_mix / (1.0 - stage_cfg.pretrain_mix))
     if n_mix:
         texts = task.pretrain_texts()
         rows += [tokenize_text(tokenizer, t) for t in random.Random(seed).sample(texts, min(n_mix, len(texts)))]
-    eval_rows = [tokenize_chat(tokenizer, e["prompt"], e["completion"]) for e in examples[-n_eval:]]
+    eval_rows = [tokenize_example(tokenizer, e) for e in examples[-n_eval:]]
     return Dataset.from_list(rows), Dataset.from_list(eval_rows)
 
 
@@ -165,8 +196,12 @@ def run(ctx) -> dict[str, float]:
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    with trainer_settings.autocast(ctx.cfg, ctx.name):
-        accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    accuracy = {}
+    if ctx.task.has_split("eval"):
+        with trainer_settings.autocast(ctx.cfg, ctx.name):
+            accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    else:
+        log("stage sft: the task has no eval split (problems with answers): eval_loss only, no accuracy")
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", "sft loss (response tokens)")

@@ -20,6 +20,10 @@ class Task(ABC):
     def validate(self, splits: list[str]) -> None:
         """Fail now, before any compute, if a split the coming stages need cannot be read."""
 
+    def has_split(self, split: str) -> bool:
+        """Whether the task has data for `split` (the embedded task has every split)."""
+        return True
+
     @abstractmethod
     def pretrain_texts(self) -> list[str]: ...
 

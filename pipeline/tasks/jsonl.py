@@ -13,8 +13,10 @@ import json
 import os
 import re
 
+from pipeline import math_answers
 from pipeline.tasks.base import Task
 
+VERIFIERS = ("regex", "math")  # task.verifier
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DEFAULT_MAX_CHARS = 100_000
 
@@ -93,11 +95,37 @@ def value_problem(field: str, value, max_chars: int) -> str | None:
     return None
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def messages_problem(value) -> str | None:
+    """What is wrong with a `messages` value (a conversation: a list of {role, content} turns, an
+    optional system turn first, at least one assistant turn), or None."""
+    if not isinstance(value, list) or not value:
+        return (f"the value is {type(value).__name__ if value is not None else 'null'}, not a conversation; "
+                "write a list of {\"role\": ..., \"content\": ...} turns")
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict) or set(turn) - {"role", "content"} - {"name"} or "role" not in turn:
+            return f"turn {number} is not a {{\"role\", \"content\"}} object ({str(turn)[:60]})"
+        if turn["role"] not in ROLES:
+            return f"turn {number} has role {turn['role']!r}; roles are {', '.join(ROLES)}"
+        if turn["role"] == "system" and number != 1:
+            return f"turn {number} is a system turn; only the first turn may be one"
+        if not isinstance(turn.get("content"), str):
+            return f"turn {number}'s content is {type(turn.get('content')).__name__}, not a string"
+    if not any(turn["role"] == "assistant" for turn in value):
+        return "the conversation has no assistant turn, so nothing to train on"
+    return None
+
+
 class JsonlTask(Task):
     name = "jsonl"
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.verifier = str(cfg.get("verifier", "regex"))
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"task.verifier={self.verifier!r}; valid: {', '.join(VERIFIERS)}")
         self._pattern = re.compile(cfg.answer_pattern)
         if "answer" not in self._pattern.groupindex:
             raise ValueError(f"task.answer_pattern {cfg.answer_pattern!r} needs a named group (?P<answer>...)")
@@ -107,7 +135,7 @@ class JsonlTask(Task):
         if not source:
             raise ValueError(f"task=jsonl: a stage needs the '{split}' split; set task.splits.{split}=/path/to/file.jsonl")
         try:
-            rows = load_rows(str(source), self.cfg.hf_split)
+            rows = load_rows(str(source), str((self.cfg.get("hf_splits") or {}).get(split, self.cfg.hf_split)))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"task=jsonl: split '{split}': {err}; set task.splits.{split} to an existing file") from err
         except ValueError as err:
@@ -126,20 +154,38 @@ class JsonlTask(Task):
         for index, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values())))):
             values = {}
             for field, column in wanted.items():
-                problem = value_problem(field, row[column], max_chars)
+                problem = (messages_problem(row[column]) if field == "messages"
+                           else value_problem(field, row[column], max_chars))
                 if problem:
                     named = f"column {column!r}" + (f" (task.columns.{field})" if column != field else "")
                     raise ValueError(f"task=jsonl: split '{split}' ({source}) {row_name(str(source), index)}, {named}: {problem}")
-                values[field] = row[column] if isinstance(row[column], str) else str(row[column])
+                values[field] = row[column] if isinstance(row[column], (str, list)) else str(row[column])
             out.append(values)
         return out
 
     def validate(self, splits: list[str]) -> None:
         """Read the named splits now, so a bad path or column fails before any compute."""
-        fields = {"pretrain": ["text"], "sft": ["prompt", "completion"],
+        fields = {"pretrain": ["text"], "sft": self._sft_fields(),
                   "preference": ["prompt", "chosen", "rejected"], "rl": ["prompt", "answer"], "eval": ["prompt", "answer"]}
         for split in splits:
             self._read(split, fields[split])
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.cfg.splits.get(split))
+
+    def _sft_fields(self) -> list[str]:
+        """messages when the sft split has the messages column (task.columns.messages) and no
+        completion column, else prompt and completion."""
+        source = self.cfg.splits.get("sft")
+        column = self.cfg.columns.get("messages", "messages")
+        if source:
+            try:
+                names = load_rows(str(source), str((self.cfg.get("hf_splits") or {}).get("sft", self.cfg.hf_split))).column_names
+            except (FileNotFoundError, ValueError):
+                return ["prompt", "completion"]  # _read reports it
+            if column in names and self.cfg.columns.completion not in names:
+                return ["messages"]
+        return ["prompt", "completion"]
 
     def pretrain_texts(self) -> list[str]:
         return [r["text"] for r in self._read("pretrain", ["text"])]
@@ -148,7 +194,7 @@ class JsonlTask(Task):
         return [self.text_prompt(r["prompt"]) + r["answer"] for r in self._read("eval", ["prompt", "answer"])]
 
     def sft_examples(self) -> list[dict]:
-        return self._read("sft", ["prompt", "completion"])
+        return self._read("sft", self._sft_fields())
 
     def preference_pairs(self) -> list[dict]:
         return self._read("preference", ["prompt", "chosen", "rejected"])
@@ -163,9 +209,13 @@ class JsonlTask(Task):
         return self.cfg.text_prompt.replace("{prompt}", prompt)
 
     def extract_answer(self, completion: str) -> str | None:
+        if self.verifier == "math":
+            return math_answers.extract(completion)
         match = self._pattern.search(completion)
         return match.group("answer").strip() if match else None
 
     def verify(self, completion: str, answer: str) -> float:
+        if self.verifier == "math":
+            return math_answers.verify(completion, answer)
         match = self._pattern.search(completion)
         return 1.0 if match and match.group("answer").strip() == answer.strip() else 0.0

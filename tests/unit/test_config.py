@@ -108,3 +108,10 @@ def test_model_hf_needs_a_real_path(tmp_path):
         plan_stages(compose_config(["model=hf"]), tmp_path)
     with pytest.raises(ConfigError, match=r"model.path=.* is not a checkpoint directory"):
         plan_stages(compose_config(["model=hf", f"model.path={tmp_path}"]), tmp_path)
+
+
+def test_a_malformed_override_is_named_even_after_a_flag_with_a_value():
+    done = run_cli("--cfg", "job", "stages.pretrain.max_steps=[1,", check=False)
+    assert done.returncode == 2
+    assert "cannot parse the override 'stages.pretrain.max_steps=[1,'" in done.stderr
+    assert "'job'" not in done.stderr
