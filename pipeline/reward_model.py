@@ -29,10 +29,12 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False,
     return model.eval().to(distributed.state().device), load_chat_tokenizer(path, trust_remote_code)
 
 
-def render_conversation(tokenizer, prompt: str, completion: str) -> str:
-    """What the reward model reads: [user: prompt, assistant: completion] in the chat template,
-    the same rendering the reward stage trained on."""
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+def render_conversation(tokenizer, prompt: str | list[dict], completion: str | list[dict]) -> str:
+    """What the reward model reads: the prompt turns and the answer turns in the chat template
+    (a string prompt is one user turn, a string completion one assistant turn), the same
+    rendering the reward stage trained on."""
+    messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)) + (
+        [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion))
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 

@@ -36,7 +36,10 @@ from pipeline.resume import ExactResume
 from pipeline.runner import ConfigError, log
 from pipeline.tasks import conversational_pairs
 
-SPLITS = ("preference", "rl", "eval")
+SPLITS = ("preference",)
+# rl: the prompts of on-policy pairs (pairs=on_policy needs it); eval: held-out accuracy when the
+# task has problems with answers
+OPTIONAL_SPLITS = ("rl", "eval")
 PAIR_SOURCES = ("on_policy", "task")
 USES = ("task", "optim", "peft")
 # the pairwise losses of trl 1.16's DPOTrainer (DPOConfig.loss_type); tests check them against it
@@ -64,6 +67,9 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError("stages.dpo.loss_type=exo_pair needs stages.dpo.label_smoothing > 0 (the paper uses 1e-3)")
     if stage.pairs not in PAIR_SOURCES:
         raise ConfigError(f"stages.dpo.pairs={stage.pairs!r} is unknown; valid: {', '.join(PAIR_SOURCES)}")
+    if stage.pairs == "on_policy" and cfg.task.get("splits") is not None and not cfg.task.splits.get("rl"):
+        raise ConfigError("stages.dpo.pairs=on_policy samples the policy on the task's rl prompts, and task.splits.rl "
+                          "is not set; set it (prompts with answers) or use stages.dpo.pairs=task")
     if stage.pairs == "on_policy" and stage.samples_per_prompt < 2:
         raise ConfigError(f"stages.dpo.samples_per_prompt={stage.samples_per_prompt}: on-policy pairs need at least 2 samples per prompt")
     if stage.eval_pairs < 1:
@@ -227,8 +233,12 @@ def run(ctx) -> dict[str, float]:
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    with trainer_settings.autocast(ctx.cfg, ctx.name):
-        accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    accuracy = {}
+    if ctx.task.has_split("eval"):
+        with trainer_settings.autocast(ctx.cfg, ctx.name):
+            accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    else:
+        log("stage dpo: the task has no eval split (problems with answers): no accuracy")
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", f"dpo loss ({', '.join(args.loss_type)}, beta={args.beta})")

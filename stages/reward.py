@@ -59,9 +59,9 @@ class StageRewardTrainer(ExactResume, RewardTrainer):
 
 def pairwise_scores(model, tokenizer, pairs: Dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of (chosen, rejected) for each pair through the scoring path later stages use."""
-    prompts = [row["prompt"][0]["content"] for row in pairs]
-    chosen = score(model, tokenizer, prompts, [row["chosen"][0]["content"] for row in pairs], batch_size)
-    rejected = score(model, tokenizer, prompts, [row["rejected"][0]["content"] for row in pairs], batch_size)
+    prompts = [row["prompt"] for row in pairs]  # conversations: a system turn or earlier turns included
+    chosen = score(model, tokenizer, prompts, [row["chosen"] for row in pairs], batch_size)
+    rejected = score(model, tokenizer, prompts, [row["rejected"] for row in pairs], batch_size)
     return chosen, rejected
 
 

@@ -58,16 +58,14 @@ class Task(ABC):
 
 
 def conversational_pairs(pairs: list[dict], n_eval: int) -> tuple[Dataset, Dataset]:
-    """(train, eval) preference pairs in TRL's conversational form (prompt = [user], chosen and
-    rejected = [assistant]); the last n_eval pairs are held out."""
+    """(train, eval) preference pairs in TRL's conversational form (a string prompt becomes
+    [user], a string answer [assistant]; conversations stay as they are); the last n_eval pairs
+    are held out."""
     if len(pairs) <= n_eval:  # n_eval=0: all of them train
         raise ValueError(f"{len(pairs)} preference pairs leave none for training after holding out {n_eval}")
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": p["prompt"]}],
-            "chosen": [{"role": "assistant", "content": p["chosen"]}],
-            "rejected": [{"role": "assistant", "content": p["rejected"]}],
-        }
-        for p in pairs
-    ]
+    def turns(value, role: str) -> list[dict]:  # a string is one turn; a conversation stays as it is
+        return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+    rows = [{"prompt": turns(p["prompt"], "user"), "chosen": turns(p["chosen"], "assistant"),
+             "rejected": turns(p["rejected"], "assistant")} for p in pairs]
     return Dataset.from_list(rows[: len(rows) - n_eval]), Dataset.from_list(rows[len(rows) - n_eval :])

@@ -98,14 +98,16 @@ def value_problem(field: str, value, max_chars: int) -> str | None:
 ROLES = ("system", "user", "assistant")
 
 
-def messages_problem(value) -> str | None:
-    """What is wrong with a `messages` value (a conversation: a list of {role, content} turns, an
-    optional system turn first, at least one assistant turn), or None."""
+def conversation_problem(value, kind: str) -> str | None:
+    """What is wrong with a conversation value (a list of {role, content} turns; a system turn
+    only first), or None. kind: "messages" (at least one assistant turn), "implicit" (a whole
+    preference conversation: ends with the assistant's answer), "prompt" (ends with a user turn),
+    "answer" (assistant turns only: an explicit preference answer)."""
     if not isinstance(value, list) or not value:
         return (f"the value is {type(value).__name__ if value is not None else 'null'}, not a conversation; "
                 "write a list of {\"role\": ..., \"content\": ...} turns")
     for number, turn in enumerate(value, start=1):
-        if not isinstance(turn, dict) or set(turn) - {"role", "content"} - {"name"} or "role" not in turn:
+        if not isinstance(turn, dict) or set(turn) - {"role", "content", "name"} or "role" not in turn:
             return f"turn {number} is not a {{\"role\", \"content\"}} object ({str(turn)[:60]})"
         if turn["role"] not in ROLES:
             return f"turn {number} has role {turn['role']!r}; roles are {', '.join(ROLES)}"
@@ -113,9 +115,31 @@ def messages_problem(value) -> str | None:
             return f"turn {number} is a system turn; only the first turn may be one"
         if not isinstance(turn.get("content"), str):
             return f"turn {number}'s content is {type(turn.get('content')).__name__}, not a string"
-    if not any(turn["role"] == "assistant" for turn in value):
+    roles = [turn["role"] for turn in value]
+    if kind == "messages" and "assistant" not in roles:
         return "the conversation has no assistant turn, so nothing to train on"
+    if kind == "implicit" and roles[-1] != "assistant":
+        return "the conversation does not end with the assistant's answer"
+    if kind == "prompt" and roles[-1] != "user":
+        return "the prompt conversation does not end with a user turn"
+    if kind == "answer" and set(roles) != {"assistant"}:
+        return "an answer holds assistant turns only (the prompt goes in the prompt column)"
     return None
+
+
+def split_implicit_prompt(chosen: list[dict], rejected: list[dict]) -> dict | str:
+    """{prompt, chosen, rejected} from two whole conversations sharing their prompt turns (TRL's
+    implicit-prompt preference form), or what is wrong."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1]["role"] == "assistant":  # an identical first answer turn is an answer
+        shared -= 1
+    if not shared or chosen[shared - 1]["role"] != "user":
+        return "chosen and rejected do not share prompt turns ending with a user turn"
+    if shared == len(chosen) or shared == len(rejected):
+        return "chosen or rejected has no answer after the shared prompt turns"
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 class JsonlTask(Task):
@@ -154,8 +178,14 @@ class JsonlTask(Task):
         for index, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values())))):
             values = {}
             for field, column in wanted.items():
-                problem = (messages_problem(row[column]) if field == "messages"
-                           else value_problem(field, row[column], max_chars))
+                value = row[column]
+                if field == "messages":
+                    problem = conversation_problem(value, "messages")
+                elif split == "preference" and (isinstance(value, list) or "prompt" not in wanted):
+                    problem = conversation_problem(value, "implicit" if "prompt" not in wanted else
+                                                   "prompt" if field == "prompt" else "answer")
+                else:
+                    problem = value_problem(field, value, max_chars)
                 if problem:
                     named = f"column {column!r}" + (f" (task.columns.{field})" if column != field else "")
                     raise ValueError(f"task=jsonl: split '{split}' ({source}) {row_name(str(source), index)}, {named}: {problem}")
@@ -165,10 +195,10 @@ class JsonlTask(Task):
 
     def validate(self, splits: list[str]) -> None:
         """Read the named splits now, so a bad path or column fails before any compute."""
-        fields = {"pretrain": ["text"], "sft": self._sft_fields(),
-                  "preference": ["prompt", "chosen", "rejected"], "rl": ["prompt", "answer"], "eval": ["prompt", "answer"]}
+        readers = {"pretrain": self.pretrain_texts, "sft": self.sft_examples, "preference": self.preference_pairs,
+                   "rl": self.rl_prompts, "eval": self.eval_problems}
         for split in splits:
-            self._read(split, fields[split])
+            readers[split]()
 
     def has_split(self, split: str) -> bool:
         return bool(self.cfg.splits.get(split))
@@ -176,15 +206,8 @@ class JsonlTask(Task):
     def _sft_fields(self) -> list[str]:
         """messages when the sft split has the messages column (task.columns.messages) and no
         completion column, else prompt and completion."""
-        source = self.cfg.splits.get("sft")
-        column = self.cfg.columns.get("messages", "messages")
-        if source:
-            try:
-                names = load_rows(str(source), str((self.cfg.get("hf_splits") or {}).get("sft", self.cfg.hf_split))).column_names
-            except (FileNotFoundError, ValueError):
-                return ["prompt", "completion"]  # _read reports it
-            if column in names and self.cfg.columns.completion not in names:
-                return ["messages"]
+        if self._has_column("sft", "messages") and not self._has_column("sft", "completion") and self.cfg.splits.get("sft"):
+            return ["messages"]
         return ["prompt", "completion"]
 
     def pretrain_texts(self) -> list[str]:
@@ -197,7 +220,29 @@ class JsonlTask(Task):
         return self._read("sft", self._sft_fields())
 
     def preference_pairs(self) -> list[dict]:
-        return self._read("preference", ["prompt", "chosen", "rejected"])
+        """Strings or conversations as the file has them; the implicit-prompt form (no prompt
+        column, chosen and rejected whole conversations) split into prompt and answers."""
+        if self._has_column("preference", "prompt"):
+            return self._read("preference", ["prompt", "chosen", "rejected"])
+        pairs = []
+        source = str(self.cfg.splits.preference)
+        for index, row in enumerate(self._read("preference", ["chosen", "rejected"])):
+            pair = split_implicit_prompt(row["chosen"], row["rejected"])
+            if isinstance(pair, str):
+                raise ValueError(f"task=jsonl: split 'preference' ({source}) {row_name(source, index)}: {pair} "
+                                 "(the implicit-prompt form); or give a prompt column")
+            pairs.append(pair)
+        return pairs
+
+    def _has_column(self, split: str, field: str) -> bool:
+        source = self.cfg.splits.get(split)
+        if not source:
+            return True  # _read reports the missing split
+        hf_split = str((self.cfg.get("hf_splits") or {}).get(split, self.cfg.hf_split))
+        try:
+            return self.cfg.columns[field] in load_rows(str(source), hf_split).column_names
+        except (FileNotFoundError, ValueError):
+            return True  # _read reports it
 
     def rl_prompts(self) -> list[dict]:
         return self._read("rl", ["prompt", "answer"])
