@@ -158,3 +158,15 @@ def evaluate_policy(model, tokenizer, task, stage_cfg, seed: int) -> dict[str, f
         "eval_tokens_per_problem": greedy.tokens_per_problem,
         "eval_num_problems": greedy.num_problems,
     }
+
+
+def held_out_accuracy(model, tokenizer, task, stage_cfg, seed: int, autocast, stage: str) -> dict[str, float]:
+    """evaluate_policy under `autocast` (the stage's precision) when the task has eval problems
+    with answers; else {} and a line saying so (a chat or preference set has none)."""
+    if not task.has_split("eval"):
+        from pipeline.runner import log  # the runner imports the stages, which import this module
+
+        log(f"stage {stage}: the task has no eval split (problems with answers): no answer accuracy")
+        return {}
+    with autocast:
+        return evaluate_policy(model, tokenizer, task, stage_cfg, seed)

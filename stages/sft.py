@@ -26,14 +26,14 @@ from trl.data_utils import common_prefix_length
 
 from pipeline import distributed, preemption, trainer_settings
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
-from pipeline.evaluate import evaluate_policy
+from pipeline.evaluate import held_out_accuracy
 from pipeline.models import (
     check_trainable_input, count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
 )
 from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
-from pipeline.runner import ConfigError, log
+from pipeline.runner import ConfigError
 
 SPLITS = ("sft",)
 OPTIONAL_SPLITS = ("eval",)  # held-out accuracy when the task has problems with answers; else eval_loss only
@@ -196,12 +196,8 @@ def run(ctx) -> dict[str, float]:
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    accuracy = {}
-    if ctx.task.has_split("eval"):
-        with trainer_settings.autocast(ctx.cfg, ctx.name):
-            accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
-    else:
-        log("stage sft: the task has no eval split (problems with answers): eval_loss only, no accuracy")
+    accuracy = held_out_accuracy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed,
+                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name)
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", "sft loss (response tokens)")

@@ -74,7 +74,7 @@ def test_task_preference_runs_reward_and_dpo_on_a_local_copy_of_its_schema(tmp_p
                    f"run.dir={run_dir}", *dpo, "run.stages=[reward,dpo]", "stages.dpo.pairs=task",
                    "stages.reward.max_steps=4", "stages.reward.save_steps=4", "stages.reward.eval_steps=4",
                    "stages.reward.eval_pairs=8")
-    assert "no eval split (problems with answers): no accuracy" in proc.stdout
+    assert "stage dpo: the task has no eval split (problems with answers): no answer accuracy" in proc.stdout
     reward = json.loads((run_dir / "reward" / "metrics.json").read_text())
     dpo_metrics = json.loads((run_dir / "dpo" / "metrics.json").read_text())
     assert 0.0 <= reward["eval_pairwise_accuracy"] <= 1.0

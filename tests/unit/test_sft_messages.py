@@ -80,7 +80,7 @@ def test_chat_sft_without_an_eval_split_trains_with_eval_loss_only(tmp_path):
     sft = [o for o in FAMILY_RUN if o.startswith(("preset", "trainer", "stages.sft"))]
     proc = run_cli("model=qwen3", f"model.path={model}", "task=jsonl", f"task.splits.sft={data}", f"run.dir={run_dir}",
                    *sft, "run.stages=[sft]", "stages.sft.eval_examples=10")
-    assert "no eval split (problems with answers): eval_loss only" in proc.stdout
+    assert "stage sft: the task has no eval split (problems with answers): no answer accuracy" in proc.stdout
     metrics = json.loads((run_dir / "sft" / "metrics.json").read_text())
     assert metrics["train_loss"] < metrics["train_loss_first"] and metrics["eval_loss"] > 0
     assert "eval_accuracy" not in metrics and metrics["train_examples"] == 50
