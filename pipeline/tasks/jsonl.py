@@ -147,6 +147,7 @@ class JsonlTask(Task):
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self._datasets: dict[str, object] = {}
         self.verifier = str(cfg.get("verifier", "regex"))
         if self.verifier not in VERIFIERS:
             raise ValueError(f"task.verifier={self.verifier!r}; valid: {', '.join(VERIFIERS)}")
@@ -154,16 +155,24 @@ class JsonlTask(Task):
         if "answer" not in self._pattern.groupindex:
             raise ValueError(f"task.answer_pattern {cfg.answer_pattern!r} needs a named group (?P<answer>...)")
 
+    def _dataset(self, split: str):
+        """The split's rows as `datasets` loads them, once per task (validate() and the stage
+        that reads the split, and the column checks that pick a data form, share them)."""
+        if split not in self._datasets:
+            source = self.cfg.splits.get(split)
+            if not source:
+                raise ValueError(f"task=jsonl: a stage needs the '{split}' split; set task.splits.{split}=/path/to/file.jsonl")
+            try:
+                self._datasets[split] = load_rows(str(source), str((self.cfg.get("hf_splits") or {}).get(split, self.cfg.hf_split)))
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"task=jsonl: split '{split}': {err}; set task.splits.{split} to an existing file") from err
+            except ValueError as err:
+                raise ValueError(f"task=jsonl: split '{split}': {err}") from err
+        return self._datasets[split]
+
     def _read(self, split: str, fields: list[str]) -> list[dict]:
         source = self.cfg.splits.get(split)
-        if not source:
-            raise ValueError(f"task=jsonl: a stage needs the '{split}' split; set task.splits.{split}=/path/to/file.jsonl")
-        try:
-            rows = load_rows(str(source), str((self.cfg.get("hf_splits") or {}).get(split, self.cfg.hf_split)))
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"task=jsonl: split '{split}': {err}; set task.splits.{split} to an existing file") from err
-        except ValueError as err:
-            raise ValueError(f"task=jsonl: split '{split}': {err}") from err
+        rows = self._dataset(split)
         if len(rows) == 0:
             raise ValueError(f"task=jsonl: split '{split}' ({source}) has no rows; point task.splits.{split} at a file with data")
         wanted = {field: self.cfg.columns[field] for field in fields}
@@ -206,7 +215,7 @@ class JsonlTask(Task):
     def _sft_fields(self) -> list[str]:
         """messages when the sft split has the messages column (task.columns.messages) and no
         completion column, else prompt and completion."""
-        if self._has_column("sft", "messages") and not self._has_column("sft", "completion") and self.cfg.splits.get("sft"):
+        if self.cfg.splits.get("sft") and self._has_column("sft", "messages") and not self._has_column("sft", "completion"):
             return ["messages"]
         return ["prompt", "completion"]
 
@@ -235,14 +244,11 @@ class JsonlTask(Task):
         return pairs
 
     def _has_column(self, split: str, field: str) -> bool:
-        source = self.cfg.splits.get(split)
-        if not source:
-            return True  # _read reports the missing split
-        hf_split = str((self.cfg.get("hf_splits") or {}).get(split, self.cfg.hf_split))
+        """Whether the split has field's column (True when the split cannot be read: _read says why)."""
         try:
-            return self.cfg.columns[field] in load_rows(str(source), hf_split).column_names
+            return self.cfg.columns[field] in self._dataset(split).column_names
         except (FileNotFoundError, ValueError):
-            return True  # _read reports it
+            return True
 
     def rl_prompts(self) -> list[dict]:
         return self._read("rl", ["prompt", "answer"])
