@@ -63,13 +63,6 @@ def test_a_bad_conversation_fails_naming_split_row_and_column(tmp_path, messages
         task.validate(["sft"])
 
 
-def test_a_list_where_a_string_is_expected_is_named(tmp_path):
-    data = write_rows(tmp_path / "sft.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "completion": "yo"}])
-    task = build_task(compose_config(["task=jsonl", f"task.splits.sft={data}"]).task)
-    with pytest.raises(ValueError, match=r"row 1 \(line 1\), column 'prompt': the value is a list"):
-        task.validate(["sft"])
-
-
 def test_chat_sft_without_an_eval_split_trains_with_eval_loss_only(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": f"{a + b}"},
                           {"role": "user", "content": "Double it."}, {"role": "assistant", "content": f"{2 * (a + b)}"}]}
