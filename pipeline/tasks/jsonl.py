@@ -33,7 +33,8 @@ def load_rows(source: str, hf_split: str = "train"):
         if os.path.getsize(source) == 0:
             raise ValueError(f"data file {source!r} is empty; add data to it")
         try:
-            return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=source, split="train")
+            options = json_options() if LOCAL_BUILDERS[ext] == "json" else {}
+            return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=source, split="train", **options)
         except Exception as err:  # an empty JSON file ends in a bare StopIteration, a bad line in a generic error
             bad_line = first_bad_json_line(source) if ext == ".jsonl" else None
             if bad_line:
@@ -47,10 +48,42 @@ def load_rows(source: str, hf_split: str = "train"):
     return datasets.load_dataset(name, config or None, split=hf_split)
 
 
+def json_options() -> dict:
+    """load_dataset("json") options: a column whose type changes between rows is an error. By
+    default (datasets 5: on_mixed_types="use_json") such values come back JSON-encoded as
+    strings, so a conversation in a string column would be trained on as the text of a list."""
+    import dataclasses
+
+    from datasets.packaged_modules.json.json import JsonConfig
+
+    return {"on_mixed_types": None} if "on_mixed_types" in {f.name for f in dataclasses.fields(JsonConfig)} else {}
+
+
+KINDS = {str: "a string", list: "a list", dict: "an object", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def leaf_kinds(value, path: str = ""):
+    """(path, kind) of a JSON value and everything in it ("messages[].content", "a string"), as
+    pyarrow types a column; nulls have no kind."""
+    kind = KINDS.get(type(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from leaf_kinds(item, f"{path}.{key}" if path else key)
+        if path:
+            yield path, kind
+    elif kind is not None:
+        yield path, kind
+        if isinstance(value, list):
+            for item in value:
+                yield from leaf_kinds(item, f"{path}[]")
+
+
 def first_bad_json_line(path: str) -> str | None:
     """Where a JSON-lines file stops being one JSON object per line ("line 3 is not valid JSON
-    (...)"; "has no rows" when every line is blank), or None if every line is one."""
+    (...)"), or a column changes its type ("line 9, column 'prompt' is a list where line 1 has a
+    string"); "has no rows" when every line is blank; None if every line is fine."""
     rows = 0
+    first: dict[str, tuple[str, int]] = {}  # column -> (kind, line) of its first non-null value
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -61,6 +94,13 @@ def first_bad_json_line(path: str) -> str | None:
                 return f"line {number} is not valid JSON ({err.msg} at character {err.pos + 1})"
             if not isinstance(value, dict):
                 return f"line {number} is a JSON {type(value).__name__}, not an object of column: value"
+            for path, kind in leaf_kinds(value):
+                seen = first.setdefault(path, (kind, number))
+                if seen[0] != kind:
+                    column = path.split(".")[0].split("[")[0]
+                    where = f"column {column!r}" + (f" ({path})" if path != column else "")
+                    return (f"line {number}, {where} is {kind} where line {seen[1]} has {seen[0]}: a column holds one "
+                            "form in every row (strings, or conversations; answers all strings or all numbers)")
             rows += 1
     return None if rows else "has no rows (only blank lines)"
 

@@ -87,9 +87,9 @@ def test_sft_prompt_and_completion_as_conversations_mask_only_the_completion():
      "column 'completion': an answer holds assistant turns only"),
 ])
 def test_a_bad_sft_prompt_or_completion_is_named_with_the_forms_accepted(tmp_path, row, message):
-    data = write_rows(tmp_path / "sft.jsonl", [{"prompt": "q", "completion": "a"}, row])
+    data = write_rows(tmp_path / "sft.jsonl", [row])
     task = build_task(compose_config(["task=jsonl", f"task.splits.sft={data}"]).task)
-    with pytest.raises(ValueError, match=rf"split 'sft' \({data}\) row 2 \(line 2\), {message}"):
+    with pytest.raises(ValueError, match=rf"split 'sft' \({data}\) row 1 \(line 1\), {message}"):
         task.validate(["sft"])
 
 
@@ -186,3 +186,16 @@ def test_best_of_n_keeps_the_candidate_the_user_function_scores_highest(smoke_ch
     assert [len(i) for i in seen["ids"]] == [n for row in lengths for n in row]
     assert result.completions == [c[row.index(max(row))] for c, row in zip(texts, lengths)]
     assert any(len(set(row)) > 1 for row in lengths)  # candidates differ in length: the choice means something
+
+
+def test_a_conversation_in_a_string_column_past_the_first_chunk_is_an_error_not_text(tmp_path):
+    """`datasets` parses JSON in 10 MB chunks and, by default, JSON-encodes a value whose type
+    differs from the column's as a string: the last row's conversation would come back as the
+    text '[{"role": ...}]' and be trained on. The task loads with that off and names the line."""
+    rows = [{"prompt": f"{k} " + "x" * 1000, "answer": str(k)} for k in range(12_000)]  # 12 MB
+    rows[-1] = {"prompt": [{"role": "user", "content": "hi"}], "answer": "1"}
+    data = write_rows(tmp_path / "rl.jsonl", rows)
+    task = build_task(compose_config(["task=jsonl", f"task.splits.rl={data}"]).task)
+    with pytest.raises(ValueError, match=r"split 'rl': data file .* line 12000, column 'prompt' is a list where line 1 has "
+                                         r"a string: a column holds one form in every row"):
+        task.validate(["rl"])
