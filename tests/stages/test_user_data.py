@@ -199,3 +199,19 @@ def test_a_conversation_in_a_string_column_past_the_first_chunk_is_an_error_not_
     with pytest.raises(ValueError, match=r"split 'rl': data file .* line 12000, column 'prompt' is a list where line 1 has "
                                          r"a string: a column holds one form in every row"):
         task.validate(["rl"])
+
+
+def test_sft_trains_on_conversational_prompt_completion_rows(tmp_path):
+    from tests.stages.test_model_families import FAMILY_RUN
+    from tests.tiny_models import save_tiny_family
+
+    rows = [{"prompt": [SYSTEM, {"role": "user", "content": f"What is {a}+{b}?"}],
+             "completion": [{"role": "assistant", "content": f"A: {a + b}"}]} for a in range(20) for b in range(3)]
+    data = write_rows(tmp_path / "sft.jsonl", rows)
+    model = save_tiny_family("qwen3", tmp_path / "qwen3")
+    run_dir = tmp_path / "run"
+    sft = [o for o in FAMILY_RUN if o.startswith(("preset", "trainer", "stages.sft"))]
+    run_cli("model=qwen3", f"model.path={model}", "task=jsonl", f"task.splits.sft={data}", f"run.dir={run_dir}",
+            *sft, "run.stages=[sft]", "stages.sft.eval_examples=10")
+    metrics = json.loads((run_dir / "sft" / "metrics.json").read_text())
+    assert metrics["train_loss"] < metrics["train_loss_first"] and metrics["train_examples"] == 50
