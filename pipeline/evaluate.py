@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig, set_seed
 
 from pipeline.models import router_logits_off
+from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import stop_token_ids
 
 
@@ -28,15 +29,16 @@ class EvalResult:
         return metrics
 
 
-def render_prompts(tokenizer, task, prompts: list[str], prompt_format: str) -> list[str]:
-    """`text`: the pretraining format ("Q: ...\\n"); `chat`: the tokenizer's chat template."""
+def render_prompts(tokenizer, task, prompts: list, prompt_format: str) -> list[str]:
+    """`text`: the pretraining format ("Q: ...\\n"); `chat`: the tokenizer's chat template. A
+    prompt is a string (one user turn) or a conversation ending with a user turn."""
     if prompt_format == "text":
         return [task.text_prompt(p) for p in prompts]
     if prompt_format == "chat":
         if not tokenizer.chat_template:
             raise ValueError("the tokenizer has no chat template; chat-format evaluation needs one")
         return [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(as_turns(p, "user"), tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
     raise ValueError(f"prompt_format={prompt_format!r}; valid: text, chat")

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from pipeline import distributed
 from pipeline.models import router_logits_off, set_router_aux_loss
+from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
 
 
@@ -33,13 +34,11 @@ def render_conversation(tokenizer, prompt: str | list[dict], completion: str | l
     """What the reward model reads: the prompt turns and the answer turns in the chat template
     (a string prompt is one user turn, a string completion one assistant turn), the same
     rendering the reward stage trained on."""
-    messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)) + (
-        [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion))
-    return tokenizer.apply_chat_template(messages, tokenize=False)
+    return tokenizer.apply_chat_template(as_turns(prompt, "user") + as_turns(completion, "assistant"), tokenize=False)
 
 
 @torch.inference_mode()
-def score(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
+def score(model, tokenizer, prompts: list, completions: list, batch_size: int = 64) -> torch.Tensor:
     """Reward of each (prompt, completion) pair, shape (len(prompts),)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -71,5 +70,6 @@ class RewardScorer:
         model, tokenizer = load_reward_model(path, trust_remote_code, dtype)
         return cls(model, tokenizer, batch_size)
 
-    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def score(self, prompts: list, completions: list) -> list[float]:
+        """prompts and completions: strings or conversations (render_conversation)."""
         return score(self.model, self.tokenizer, prompts, completions, self.batch_size).tolist()

@@ -13,6 +13,9 @@ A stage recipe is the module `stages.<name>` with:
                 it counts as completed from its manifest alone
     extra_inputs(cfg, run_dir, planned) -> str | None   optional: a fingerprint of inputs other
                 than its input checkpoint (e.g. test_time's reward model), part of its config hash
+    check_data(cfg, task) -> None   optional: checks of the config against the task's data (e.g.
+                grpo's verifier reward needs the rl split's answer column), after the task has
+                read its splits and before any stage runs
 Its config lives at conf/stages/<name>.yaml; `init` sets its input checkpoint explicitly and
 `input_stage` names the stage whose final/ it starts from by default, or lists candidates in
 order of preference (e.g. [grpo, dpo, sft, pretrain]): the first one planned earlier in this
@@ -258,6 +261,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
             task.validate(sorted({split for plan in plans for split in stage_splits(plan.module, task)}))
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from err
+        for plan in plans:
+            if hasattr(plan.module, "check_data"):
+                plan.module.check_data(cfg, task)
 
         if distributed.is_main_process():
             run_dir.mkdir(parents=True, exist_ok=True)

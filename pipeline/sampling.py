@@ -52,7 +52,6 @@ from transformers.cache_utils import DynamicLayer
 
 from pipeline.evaluate import generate, render_prompts
 from pipeline.models import router_logits_off
-from pipeline.reward_model import RewardScorer
 from pipeline.tokenizer import stop_token_ids
 
 METHODS = ("greedy", "sample", "low_temperature", "power", "majority_vote", "best_of_n")
@@ -485,17 +484,18 @@ def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature:
 
 
 def run_method(method: str, model, tokenizer, task, problems: list[dict], settings: TestTimeSettings,
-               reward: RewardScorer | None = None, cache: dict | None = None,
+               score: Callable[[list[dict], list[str]], list[float]] | None = None, cache: dict | None = None,
                before_batch: Callable[[], None] | None = None) -> MethodResult:
     """Answer every problem with `method` (one of METHODS), chat format; accuracy by the task's
     verifier, cost in generated tokens. Pass one `cache` dict to several calls and majority_vote
     and best_of_n choose among the same candidates, drawn once; each still reports their full
     cost (tokens and the time it took to draw them). `before_batch` is called before each
-    generation batch and may raise to stop (test_time's preemption check)."""
+    generation batch and may raise to stop (test_time's preemption check). best_of_n keeps
+    the candidate with the highest `score(problems, texts)` (the problem of each text)."""
     if method not in METHODS:
         raise ValueError(f"unknown test-time method {method!r}; valid: {', '.join(METHODS)}")
-    if method == "best_of_n" and reward is None:
-        raise ValueError("best_of_n needs a reward model")
+    if method == "best_of_n" and score is None:
+        raise ValueError("best_of_n needs a score (rewards.weighted_sum)")
     start, drawing = time.perf_counter(), 0.0
     prompts = render_prompts(tokenizer, task, [p["prompt"] for p in problems], "chat")
     extras: dict[str, float] = {}
@@ -521,8 +521,8 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
         if method == "majority_vote":
             picks = [majority_vote([task.extract_answer(t) for t in candidates]) for candidates in texts]
         else:
-            flat = reward.score([p["prompt"] for p in problems for _ in range(settings.num_samples)],
-                                [t for candidates in texts for t in candidates])
+            flat = score([p for p in problems for _ in range(settings.num_samples)],
+                         [t for candidates in texts for t in candidates])
             n = settings.num_samples
             picks = [best_of_n(flat[i * n : (i + 1) * n]) for i in range(len(problems))]
         chosen, cost = [c[k] for c, k in zip(texts, picks)], [sum(c) for c in counts]

@@ -67,9 +67,6 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError("stages.dpo.loss_type=exo_pair needs stages.dpo.label_smoothing > 0 (the paper uses 1e-3)")
     if stage.pairs not in PAIR_SOURCES:
         raise ConfigError(f"stages.dpo.pairs={stage.pairs!r} is unknown; valid: {', '.join(PAIR_SOURCES)}")
-    if stage.pairs == "on_policy" and cfg.task.get("splits") is not None and not cfg.task.splits.get("rl"):
-        raise ConfigError("stages.dpo.pairs=on_policy samples the policy on the task's rl prompts, and task.splits.rl "
-                          "is not set; set it (prompts with answers) or use stages.dpo.pairs=task")
     if stage.pairs == "on_policy" and stage.samples_per_prompt < 2:
         raise ConfigError(f"stages.dpo.samples_per_prompt={stage.samples_per_prompt}: on-policy pairs need at least 2 samples per prompt")
     if stage.eval_pairs < 1:
@@ -106,6 +103,14 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, s
         **(shared if shared is not None else trainer_settings.PLAIN),  # TRL's own defaults: bf16, checkpointing
         **trainer_kwargs(optim_cfg, lr),
     )
+
+
+def check_data(cfg, task) -> None:
+    """On-policy pairs judge the policy's samples of the rl prompts against their answers."""
+    if cfg.stages.dpo.pairs == "on_policy" and not (task.has_split("rl") and task.has_column("rl", "answer")):
+        raise ConfigError("stages.dpo.pairs=on_policy samples the policy on the task's rl prompts and judges them by "
+                          "their answers; the task has no rl split with an answer column. Set task.splits.rl (prompts "
+                          "with answers) or use stages.dpo.pairs=task")
 
 
 def on_policy_pairs(model, tokenizer, task, stage_cfg, seed: int) -> list[dict]:

@@ -19,7 +19,6 @@ Hand-off as sft's: a plain checkpoint in final/ (LoRA merged, adapter in final/a
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,9 +29,9 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from pipeline import artifacts, distributed, math_answers, preemption, reward_functions, trainer_settings
+from pipeline import artifacts, distributed, preemption, rewards, trainer_settings
 from pipeline.adapters import build_peft_config, check_peft_config
-from pipeline.evaluate import evaluate, evaluate_policy
+from pipeline.evaluate import evaluate, held_out_accuracy
 from pipeline.models import (
     check_trainable_input, check_trainable_scope, count_parameters, load_model, restrict_trainable, router_logits_off,
     save_policy, set_router_aux_loss,
@@ -40,20 +39,18 @@ from pipeline.models import (
 from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import plot_curves
 from pipeline.resume import ExactResume
-from pipeline.reward_model import RewardScorer
 from pipeline.runner import ConfigError, completed_manifest, log
 from pipeline.scaling import fit_scaling, plot_scaling
+from pipeline.tasks.base import as_turns
 
-SPLITS = ("rl", "eval")
+SPLITS = ("rl",)
+OPTIONAL_SPLITS = ("eval",)  # the pass-rate curve and held-out accuracy, when the task has problems with answers
 USES = ("task", "optim", "peft")
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # trl 1.16
 TOKEN_MEAN_LOSSES = ("dapo", "cispo", "bnpo")  # where a per-token loss weight is a weighted token mean
 SCALE_REWARDS = ("group", "batch", "none")
 ZERO_VARIANCE = ("keep", "filter", "downweight")
-REWARDS = ("correct", "format", "reward_model", "math")
-REWARD_STAGE = "reward"
-AUTO = "auto"  # stages.grpo.reward_model=auto: this run's reward/final/
 CURVE_FILE = "pass_rate_curve.jsonl"
 FILTER_FILE = "prompt_pass_rates.json"
 LOG_FILE = "log_history.json"
@@ -117,151 +114,25 @@ def check_objective(cfg) -> None:
 
 
 def check_rewards(cfg) -> None:
-    stage = cfg.stages.grpo
-    weights = dict(stage.reward_weights)
-    user = dict(stage.get("reward_functions") or {})
-    for name in set(user) & set(REWARDS):
-        raise ConfigError(f"stages.grpo.reward_functions.{name}: {name} is a built-in reward; choose another name")
-    unknown = set(weights) - set(REWARDS) - set(user)
-    if unknown:
-        raise ConfigError(f"stages.grpo.reward_weights has unknown rewards {sorted(unknown)}; valid: "
-                          f"{', '.join([*REWARDS, *user])} (a function of your own: add it to stages.grpo.reward_functions "
-                          "as name: package.module:function)")
-    for name, path in user.items():
-        if float(weights.get(name, 0.0)) != 0.0:
-            reward_functions.load(str(path), f"stages.grpo.reward_functions.{name}")
-    if not any(float(w) != 0.0 for w in weights.values()):
-        raise ConfigError("stages.grpo.reward_weights are all 0; give at least one reward a weight, e.g. correct: 1.0")
-    if weights.get("format", 0.0):
-        try:
-            re.compile(stage.format_pattern)
-        except (re.error, TypeError) as err:
-            raise ConfigError(f"stages.grpo.format_pattern={stage.format_pattern!r} is not a regular expression: {err}") from err
-    if float(weights.get("reward_model", 0.0)) == 0.0:
-        return
-    if str(stage.reward_model) != AUTO:
-        if not (Path(str(stage.reward_model)).expanduser() / "config.json").is_file():
-            raise ConfigError(
-                f"stages.grpo.reward_model={stage.reward_model} is not a model directory (no config.json); point it at "
-                f"a reward stage's final/, or use reward_model={AUTO} for this run's reward stage"
-            )
-        return
-    names = list(cfg.run.stages)
-    if REWARD_STAGE in names and names.index(REWARD_STAGE) > names.index("grpo"):
-        raise ConfigError("run.stages lists reward after grpo, whose reward_model=auto reads reward/final/; put reward first")
-    final = Path(str(cfg.run.dir)).expanduser() / REWARD_STAGE / artifacts.FINAL
-    if REWARD_STAGE not in names and not (final / "config.json").is_file():
-        raise ConfigError(
-            f"stages.grpo.reward_weights.reward_model is not 0 and reward_model={AUTO} reads {final}, which does not "
-            "exist; add reward to run.stages before grpo, or point stages.grpo.reward_model at a reward model"
-        )
+    rewards.check(cfg.stages.grpo, "grpo", list(cfg.run.stages), Path(str(cfg.run.dir)).expanduser())
 
 
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
-    """Part of the config hash: the reward model's fingerprint when grpo uses one (a new reward
-    model reruns grpo) and the source files of the user's reward functions (an edited one does)."""
-    stage = cfg.stages.grpo
-    parts = [f"{name}:{reward_functions.source_fingerprint(str(path))}"
-             for name, path in sorted((stage.get("reward_functions") or {}).items())
-             if float(stage.reward_weights.get(name, 0.0)) != 0.0]
-    model = reward_model_input(stage, run_dir, planned)
-    return "|".join(parts + ([model] if model else [])) or None
+    """Part of the config hash: the user's reward function sources and the reward model's identity."""
+    return rewards.fingerprint(cfg.stages.grpo, run_dir, planned,
+                               lambda stage: (completed_manifest(run_dir, stage) or {}).get("config_hash"))
 
 
-def reward_model_input(stage, run_dir: Path, planned: dict[str, str]) -> str | None:
-    if float(stage.reward_weights.get("reward_model", 0.0)) == 0.0:
-        return None
-    if str(stage.reward_model) != AUTO:
-        return f"content:{artifacts.fingerprint(Path(str(stage.reward_model)).expanduser())}"
-    if REWARD_STAGE in planned:
-        return f"reward:{planned[REWARD_STAGE]}"
-    manifest = completed_manifest(run_dir, REWARD_STAGE)
-    return f"reward:{manifest['config_hash']}" if manifest else None
-
-
-# --------------------------------------------------------------------------- rewards
-
-
-def completion_text(completion) -> str:
-    """TRL hands conversational completions as [{"role": "assistant", "content": ...}]."""
-    if isinstance(completion, str):
-        return completion
-    return completion[-1]["content"] if completion else ""
-
-
-def verifier_reward(task) -> Callable[..., list[float]]:
-    """The task's verifier as a TRL reward function: 1.0 for a correct final answer, else 0.0.
-    The verifier parses strictly and never executes model text."""
-
-    def correct(prompts, completions, answer, **kwargs) -> list[float]:
-        return [float(task.verify(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
-
-    return correct
-
-
-def math_reward(prompts, completions, answer, **kwargs) -> list[float]:
-    """1.0 when the completion's answer (its last \\boxed{}, else its last number) is
-    mathematically equal to the reference `answer` (math-verify; pipeline/math_answers.py)."""
-    return [math_answers.verify(completion_text(c), str(a)) for c, a in zip(completions, answer, strict=True)]
-
-
-math_reward.__name__ = "math"  # TRL logs rewards/math
-
-
-def format_reward(pattern: str) -> Callable[..., list[float]]:
-    """1.0 when the completion contains a match of `pattern` (e.g. a well-formed answer line)."""
-    regex = re.compile(pattern)
-
-    def format(prompts, completions, **kwargs) -> list[float]:  # noqa: A001 - TRL logs it by this name
-        return [1.0 if regex.search(completion_text(c)) else 0.0 for c in completions]
-
-    return format
-
-
-def prompt_text(prompt) -> str:
-    """The user's question of a TRL prompt (a conversation, or plain text)."""
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def scorer_reward(scorer: RewardScorer) -> Callable[..., list[float]]:
-    """A reward model's score of the chat rendering of [user: prompt, assistant: completion]."""
-
-    def reward_model(prompts, completions, **kwargs) -> list[float]:
-        return scorer.score([prompt_text(p) for p in prompts], [completion_text(c) for c in completions])
-
-    return reward_model
-
-
-def reward_model_path(stage_cfg, run_dir: Path) -> Path:
-    value = str(stage_cfg.reward_model)
-    return run_dir / REWARD_STAGE / artifacts.FINAL if value == AUTO else Path(value).expanduser()
-
-
-def build_rewards(stage_cfg, task, run_dir: Path, trust_remote_code: bool,
-                  dtype: torch.dtype = torch.float32) -> tuple[list, list[float]]:
-    """(reward functions, weights) for GRPOTrainer; weight-0 rewards are left out; a reward model
-    scores in `dtype`."""
-    funcs, weights = [], []
-    for name, weight in stage_cfg.reward_weights.items():
-        if float(weight) == 0.0:
-            continue
-        if name == "correct":
-            funcs.append(verifier_reward(task))
-        elif name == "format":
-            funcs.append(format_reward(stage_cfg.format_pattern))
-        elif name == "math":
-            funcs.append(math_reward)
-        elif name in (stage_cfg.get("reward_functions") or {}):
-            path = str(stage_cfg.reward_functions[name])
-            funcs.append(reward_functions.checked(name, reward_functions.load(path, f"stages.grpo.reward_functions.{name}")))
-        else:
-            path = reward_model_path(stage_cfg, run_dir)
-            try:
-                funcs.append(scorer_reward(RewardScorer.load(path, trust_remote_code, int(stage_cfg.eval_batch_size), dtype)))
-            except (ValueError, FileNotFoundError) as err:
-                raise ConfigError(f"stages.grpo.reward_model {path}: {err}") from err
-        weights.append(float(weight))
-    return funcs, weights
+def check_data(cfg, task) -> None:
+    """The built-in rewards that compare with the reference answer need the rl split's answers."""
+    if task.has_column("rl", "answer"):
+        return
+    needs_answer = [f"reward_weights.{name}" for name in rewards.active(cfg.stages.grpo) if name in ("correct", "math")]
+    needs_answer += ["filter_samples"] if cfg.stages.grpo.filter_samples else []
+    if needs_answer:
+        raise ConfigError(f"stages.grpo.{', '.join(needs_answer)} compare with the reference answer, and the rl split has "
+                          "no answer column: set task.columns.answer, or set those to 0 and score with your own reward "
+                          "functions or the reward model")
 
 
 # --------------------------------------------------------------------------- zero-variance groups
@@ -414,10 +285,10 @@ def scaling_metrics(points: list[dict], warmup_fraction: float, stage_dir: Path)
 
 
 def build_dataset(task) -> Dataset:
-    """Conversational prompts (TRL renders them with the chat template) and the reference answers,
-    which TRL hands to the reward functions as the `answer` column."""
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in task.rl_prompts()]
-    return Dataset.from_list(rows)
+    """Conversational prompts (TRL renders them with the chat template; a string prompt is one
+    user turn) and the task's other columns (the reference `answer`, and any a user's data has),
+    which TRL hands to the reward functions as keyword arguments."""
+    return Dataset.from_list([{**row, "prompt": as_turns(row["prompt"], "user")} for row in task.rl_prompts()])
 
 
 def prompt_pass_rates(model, tokenizer, task, rows: list[dict], stage_cfg, seed: int) -> list[float]:
@@ -528,6 +399,19 @@ def build_trainer(model, tokenizer, train_data: Dataset, args: GRPOConfig, rewar
     return trainer
 
 
+def pass_rate_curve(ctx, tokenizer) -> PassRateCurve:
+    """The held-out pass-rate callback on the first curve_problems eval problems."""
+    cfg = ctx.stage_cfg
+    problems = ctx.task.eval_problems()[: cfg.curve_problems]
+
+    def measure(policy) -> float:
+        with trainer_settings.autocast(ctx.cfg, ctx.name):
+            return evaluate(policy, tokenizer, ctx.task, problems, temperature=float(cfg.curve_temperature),
+                            prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size).accuracy
+
+    return PassRateCurve(measure, int(cfg.eval_every), int(cfg.num_iterations), ctx.stage_dir / CURVE_FILE, ctx.cfg.seed)
+
+
 def logged(log_history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(e["step"], e[key]) for e in log_history if e.get(key) is not None]
 
@@ -545,31 +429,26 @@ def run(ctx) -> dict[str, float]:
     set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
     restrict_trainable(model, cfg, "grpo")
     peft_config = build_peft_config(ctx.cfg.peft, model)
-    rewards = build_rewards(cfg, ctx.task, ctx.run_dir, trust, trainer_settings.forward_dtype(ctx.cfg, ctx.name))
+    reward_funcs = rewards.build(cfg, "grpo", ctx.task, ctx.run_dir, trust, int(cfg.eval_batch_size),
+                                 trainer_settings.forward_dtype(ctx.cfg, ctx.name))
     shared = {**trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir), **trainer_settings.reference(ctx.cfg, ctx.name)}
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, rewards[1], shared)
+    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, reward_funcs[1], shared)
     if cfg.filter_samples:
         model = distributed.to_device_unless_sharded(model)
     with trainer_settings.autocast(ctx.cfg, ctx.name):
         train_data, filter_metrics = selected_prompts(model, tokenizer, ctx.task, cfg, ctx.cfg.seed, ctx.stage_dir)
-    trainer = build_trainer(model, tokenizer, train_data, args, rewards, cfg, peft_config, stage_optim(ctx.cfg, ctx.name))
+    trainer = build_trainer(model, tokenizer, train_data, args, reward_funcs, cfg, peft_config, stage_optim(ctx.cfg, ctx.name))
 
-    eval_options = dict(prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
-    curve_problems = ctx.task.eval_problems()[: cfg.curve_problems]
-
-    def measure(policy) -> float:
-        with trainer_settings.autocast(ctx.cfg, ctx.name):
-            return evaluate(policy, tokenizer, ctx.task, curve_problems, temperature=float(cfg.curve_temperature),
-                            **eval_options).accuracy
-
-    curve = PassRateCurve(measure, int(cfg.eval_every), int(cfg.num_iterations), ctx.stage_dir / CURVE_FILE, ctx.cfg.seed)
-    trainer.add_callback(curve)
+    curve = None
+    if ctx.task.has_split("eval"):
+        curve = pass_rate_curve(ctx, tokenizer)
+        trainer.add_callback(curve)
     train_output = preemption.train(trainer, ctx)
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    with trainer_settings.autocast(ctx.cfg, ctx.name):
-        accuracy = evaluate_policy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    accuracy = held_out_accuracy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed,
+                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name)
 
     history = trainer.state.log_history
     reward_curve, kl_curve = logged(history, "reward"), logged(history, "kl")
@@ -587,7 +466,7 @@ def run(ctx) -> dict[str, float]:
         "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
         "step_time_s": trainer.train_step_seconds / steps if steps else 0.0,
         "generation_share": trainer.generation_seconds / trainer.train_step_seconds if trainer.train_step_seconds else 0.0,
-        "curve_eval_s": curve.seconds,
+        "curve_eval_s": curve.seconds if curve else 0.0,
         "rollout_tokens": float(trainer.state.num_input_tokens_seen),
         "trainable_parameters": trainable,
         **trainer_settings.reference_dtype(trainer),
@@ -599,5 +478,6 @@ def run(ctx) -> dict[str, float]:
     zero_std = [v for _, v in logged(history, "frac_reward_zero_std")]
     if zero_std:
         metrics["frac_reward_zero_std"] = sum(zero_std) / len(zero_std)
-    metrics.update(scaling_metrics(curve.points, float(cfg.scaling_warmup_fraction), ctx.stage_dir))
+    if curve:
+        metrics.update(scaling_metrics(curve.points, float(cfg.scaling_warmup_fraction), ctx.stage_dir))
     return metrics

@@ -1,8 +1,9 @@
 """Stage `sft`: supervised fine-tuning on chat conversations, loss on the response only, either
 full fine-tuning or through a PEFT adapter (peft=lora|prefix|prompt).
 
-Each task example becomes a conversation, prompt=[user], completion=[assistant], rendered with
-the input checkpoint's chat template. Rows are tokenized here into TRL's pre-tokenized format
+Each task example is a conversation: a `messages` row, or a prompt and a completion (strings
+become a user and an assistant turn, conversations stay as they are), rendered with the input
+checkpoint's chat template. Rows are tokenized here into TRL's pre-tokenized format
 (input_ids + completion_mask): one dataset has to hold both these conversations and the plain
 pretraining texts of the forgetting guard (`pretrain_mix`, full loss), which TRL's raw formats
 cannot mix. TRL's SFTTrainer then builds the labels (completion_only_loss: prompt and padding get
@@ -33,6 +34,7 @@ from pipeline.models import (
 from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
+from pipeline.tasks.base import as_turns
 from pipeline.runner import ConfigError
 
 SPLITS = ("sft",)
@@ -61,12 +63,12 @@ def validate(cfg, input_path: Path | None) -> None:
 
 
 
-def tokenize_chat(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
-    """The conversation [user: prompt, assistant: completion] through the chat template, with
-    completion_mask 1 on the assistant's tokens (from where it departs from the prompt alone
-    rendered with the generation prompt, as TRL does for conversational data)."""
-    user = [{"role": "user", "content": prompt}]
-    assistant = [{"role": "assistant", "content": completion}]
+def tokenize_chat(tokenizer, prompt: str | list[dict], completion: str | list[dict]) -> dict[str, list[int]]:
+    """The conversation prompt + completion through the chat template (a string prompt is one
+    user turn, a string completion one assistant turn), with completion_mask 1 on the
+    completion's tokens (from where it departs from the prompt alone rendered with the
+    generation prompt, as TRL does for conversational data)."""
+    user, assistant = as_turns(prompt, "user"), as_turns(completion, "assistant")
     prompt_ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     input_ids = tokenizer.apply_chat_template(user + assistant, tokenize=True, return_dict=True)["input_ids"]
     n_prompt = common_prefix_length(prompt_ids, input_ids)

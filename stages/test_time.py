@@ -8,30 +8,29 @@ Input: the newest policy of the run (input_stage lists grpo, dpo, sft, pretrain 
 preference; `init` takes any checkpoint or prefix/prompt adapter final/, loaded with
 pipeline.models.load_policy; power sampling places prefix/prompt-tuning virtual tokens itself).
 
-best_of_n scores candidates with a reward model: `reward_model: auto` uses <run.dir>/reward/final
-when the run has one (the `reward` stage) and otherwise leaves best_of_n out with a logged
-reason, so the default chain runs without a reward stage; a path must hold a sequence-
-classification model, else ConfigError before anything runs.
+best_of_n picks the candidate with the highest reward, a weighted sum configured as grpo's
+(pipeline/rewards.py): the reward model (`reward_model: auto` = this run's reward stage) and
+functions of your own by import path, called as TRL calls them. The built-ins that read the
+reference answer (correct, math) are not offered: best-of-N by the answer is pass@N.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
-import torch
-
-from pipeline import artifacts, distributed, preemption, trainer_settings
+from pipeline import artifacts, distributed, preemption, rewards, trainer_settings
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
 from pipeline.runner import ConfigError, completed_manifest, log
-from pipeline.reward_model import RewardScorer
 from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, TestTimeSettings, run_method
 from pipeline.tokenizer import load_chat_tokenizer
 
 SPLITS = ("eval",)
 USES = ("task",)
 WRITES_FINAL = False
+BEST_OF_N_REWARDS = ("reward_model",)  # the built-in best_of_n offers, beside the user's functions
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE")
 
 
@@ -53,13 +52,10 @@ def validate(cfg, input_path: Path | None) -> None:
         if not ok:
             raise ConfigError(f"stages.test_time.{name}={stage[name]} is out of range "
                               "(alpha >= 1, mcmc_steps >= 0, temperature > 0, the rest >= 1)")
-    if "best_of_n" in methods and str(stage.reward_model) != "auto":
-        path = Path(str(stage.reward_model)).expanduser()
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"stages.test_time.reward_model={stage.reward_model} is not a model directory (no config.json); point "
-                "it at a reward stage's final/, or use reward_model=auto, or drop best_of_n from stages.test_time.methods"
-            )
+    if "best_of_n" in methods:
+        rewards.check(stage, "test_time", list(cfg.run.stages), Path(str(cfg.run.dir)).expanduser(), BEST_OF_N_REWARDS,
+                      why_not=" (correct and math read the reference answer: best-of-N by it is pass@N; format "
+                              "is grpo's)")
     if input_path is None:
         return
     if "power" in methods and is_adapter_checkpoint(input_path):
@@ -77,34 +73,12 @@ def validate(cfg, input_path: Path | None) -> None:
 
 
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
-    """The reward model's fingerprint (part of the config hash): a new reward model in the run
-    reruns test_time. None when best_of_n is not asked for."""
-    stage = cfg.stages.test_time
-    if "best_of_n" not in stage.methods:
+    """Part of the config hash when best_of_n runs: the user's reward function sources and the
+    reward model's identity (a new reward model in the run reruns test_time)."""
+    if "best_of_n" not in cfg.stages.test_time.methods:
         return None
-    if str(stage.reward_model) != "auto":
-        return f"content:{artifacts.fingerprint(Path(str(stage.reward_model)).expanduser())}"
-    if "reward" in planned:
-        return f"reward:{planned['reward']}"
-    manifest = completed_manifest(run_dir, "reward")
-    return f"reward:{manifest['config_hash']}" if manifest else None
-
-
-def reward_model_path(stage_cfg, run_dir: Path) -> tuple[Path | None, str]:
-    """(path, reason when None) of the reward model for best_of_n."""
-    if str(stage_cfg.reward_model) != "auto":
-        return Path(str(stage_cfg.reward_model)).expanduser(), ""
-    path = run_dir / "reward" / artifacts.FINAL
-    if (path / "config.json").is_file():
-        return path, ""
-    return None, f"reward_model=auto and {path} does not exist (no reward stage in this run)"
-
-
-def load_reward(path: Path, trust_remote_code: bool, batch_size: int, dtype: torch.dtype) -> RewardScorer:
-    try:
-        return RewardScorer.load(path, trust_remote_code, batch_size, dtype)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"reward model {path}: {err}") from err
+    return rewards.fingerprint(cfg.stages.test_time, run_dir, planned,
+                               lambda stage: (completed_manifest(run_dir, stage) or {}).get("config_hash"))
 
 
 def settings_from(stage_cfg, seed: int) -> TestTimeSettings:
@@ -167,18 +141,14 @@ def run(ctx) -> dict[str, float]:
     model = load_policy(ctx.input_path.resolve(), trust, dtype).to(distributed.state().device)
     settings = settings_from(cfg, ctx.cfg.seed)
     methods = list(cfg.methods)
-    reward = None
+    score = None
     if "best_of_n" in methods:
-        path, reason = reward_model_path(cfg, ctx.run_dir)
-        if path is None:
-            log(f"stage test_time: best_of_n left out: {reason}")
-            methods.remove("best_of_n")
-        else:
-            reward = load_reward(path, trust, settings.batch_size, dtype)
+        funcs, weights = rewards.build(cfg, "test_time", ctx.task, ctx.run_dir, trust, settings.batch_size, dtype)
+        score = functools.partial(rewards.weighted_sum, funcs, weights, tokenizer=tokenizer)
     problems = ctx.task.eval_problems()[: cfg.eval_problems]
     results, candidates = [], {}  # majority_vote and best_of_n share their candidates
     for method in methods:
-        result = run_method(method, model, tokenizer, ctx.task, problems, settings, reward, candidates,
+        result = run_method(method, model, tokenizer, ctx.task, problems, settings, score, candidates,
                             before_batch=lambda: stop_if_preempted(ctx.run_dir, method))
         log(f"stage test_time: {method}: accuracy {result.accuracy:.3f}, {result.tokens_per_problem:.1f} tokens/problem, "
             f"{result.wall_time_s:.1f}s")

@@ -24,6 +24,10 @@ class Task(ABC):
         """Whether the task has data for `split` (the embedded task has every split)."""
         return True
 
+    def has_column(self, split: str, field: str) -> bool:
+        """Whether `split`'s rows carry `field` (e.g. the rl split's answer; the embedded task's always do)."""
+        return True
+
     @abstractmethod
     def pretrain_texts(self) -> list[str]: ...
 
@@ -38,13 +42,13 @@ class Task(ABC):
     def preference_pairs(self) -> list[dict]: ...  # prompt, chosen, rejected
 
     @abstractmethod
-    def rl_prompts(self) -> list[dict]: ...  # prompt, answer
+    def rl_prompts(self) -> list[dict]: ...  # prompt, answer (if the task has answers), any other columns
 
     @abstractmethod
     def eval_problems(self) -> list[dict]: ...  # prompt, answer (held out from all of the above)
 
     @abstractmethod
-    def text_prompt(self, prompt: str) -> str:
+    def text_prompt(self, prompt: str | list[dict]) -> str:
         """The prompt in the plain-text (pretraining) format, ready for the model to continue."""
 
     @abstractmethod
@@ -57,15 +61,17 @@ class Task(ABC):
         """Reward in [0, 1] for a model completion. Parses strictly; never executes model text."""
 
 
+def as_turns(value: str | list[dict], role: str) -> list[dict]:
+    """A string as one turn of `role`; a conversation (a list of {role, content} turns) as it is."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
 def conversational_pairs(pairs: list[dict], n_eval: int) -> tuple[Dataset, Dataset]:
     """(train, eval) preference pairs in TRL's conversational form (a string prompt becomes
     [user], a string answer [assistant]; conversations stay as they are); the last n_eval pairs
     are held out."""
     if len(pairs) <= n_eval:  # n_eval=0: all of them train
         raise ValueError(f"{len(pairs)} preference pairs leave none for training after holding out {n_eval}")
-    def turns(value, role: str) -> list[dict]:  # a string is one turn; a conversation stays as it is
-        return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
-
-    rows = [{"prompt": turns(p["prompt"], "user"), "chosen": turns(p["chosen"], "assistant"),
-             "rejected": turns(p["rejected"], "assistant")} for p in pairs]
+    rows = [{"prompt": as_turns(p["prompt"], "user"), "chosen": as_turns(p["chosen"], "assistant"),
+             "rejected": as_turns(p["rejected"], "assistant")} for p in pairs]
     return Dataset.from_list(rows[: len(rows) - n_eval]), Dataset.from_list(rows[len(rows) - n_eval :])

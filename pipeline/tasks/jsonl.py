@@ -2,9 +2,10 @@
 
 Each split is read only when a stage asks for it (the runner's validate() reads them all before
 any compute). Whatever is wrong with a file fails there, naming the split, the file, the line or
-row, the column and the fix: a missing file or column, an empty file, a line that is not JSON, a
-value that is not a string (null, a list, an object: never turned into text; an answer may be
-an integer), a value longer than task.max_chars.
+row, the column and the forms accepted: a missing file or column, an empty file, a line that is
+not JSON, a value of the wrong form (a string where only a string goes, a conversation, a list
+of {role, content} turns, where TRL's formats take one: conversation_form), a value longer than
+task.max_chars. Nothing is turned into text silently; an answer may be an integer.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def load_rows(source: str, hf_split: str = "train"):
         if os.path.getsize(source) == 0:
             raise ValueError(f"data file {source!r} is empty; add data to it")
         try:
-            return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=source, split="train")
+            options = json_options() if LOCAL_BUILDERS[ext] == "json" else {}
+            return datasets.load_dataset(LOCAL_BUILDERS[ext], data_files=source, split="train", **options)
         except Exception as err:  # an empty JSON file ends in a bare StopIteration, a bad line in a generic error
             bad_line = first_bad_json_line(source) if ext == ".jsonl" else None
             if bad_line:
@@ -46,10 +48,42 @@ def load_rows(source: str, hf_split: str = "train"):
     return datasets.load_dataset(name, config or None, split=hf_split)
 
 
+def json_options() -> dict:
+    """load_dataset("json") options: a column whose type changes between rows is an error. By
+    default (datasets 5: on_mixed_types="use_json") such values come back JSON-encoded as
+    strings, so a conversation in a string column would be trained on as the text of a list."""
+    import dataclasses
+
+    from datasets.packaged_modules.json.json import JsonConfig
+
+    return {"on_mixed_types": None} if "on_mixed_types" in {f.name for f in dataclasses.fields(JsonConfig)} else {}
+
+
+KINDS = {str: "a string", list: "a list", dict: "an object", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def leaf_kinds(value, path: str = ""):
+    """(path, kind) of a JSON value and everything in it ("messages[].content", "a string"), as
+    pyarrow types a column; nulls have no kind."""
+    kind = KINDS.get(type(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from leaf_kinds(item, f"{path}.{key}" if path else key)
+        if path:
+            yield path, kind
+    elif kind is not None:
+        yield path, kind
+        if isinstance(value, list):
+            for item in value:
+                yield from leaf_kinds(item, f"{path}[]")
+
+
 def first_bad_json_line(path: str) -> str | None:
     """Where a JSON-lines file stops being one JSON object per line ("line 3 is not valid JSON
-    (...)"; "has no rows" when every line is blank), or None if every line is one."""
+    (...)"), or a column changes its type ("line 9, column 'prompt' is a list where line 1 has a
+    string"); "has no rows" when every line is blank; None if every line is fine."""
     rows = 0
+    first: dict[str, tuple[str, int]] = {}  # column -> (kind, line) of its first non-null value
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -60,6 +94,13 @@ def first_bad_json_line(path: str) -> str | None:
                 return f"line {number} is not valid JSON ({err.msg} at character {err.pos + 1})"
             if not isinstance(value, dict):
                 return f"line {number} is a JSON {type(value).__name__}, not an object of column: value"
+            for path, kind in leaf_kinds(value):
+                seen = first.setdefault(path, (kind, number))
+                if seen[0] != kind:
+                    column = path.split(".")[0].split("[")[0]
+                    where = f"column {column!r}" + (f" ({path})" if path != column else "")
+                    return (f"line {number}, {where} is {kind} where line {seen[1]} has {seen[0]}: a column holds one "
+                            "form in every row (strings, or conversations; answers all strings or all numbers)")
             rows += 1
     return None if rows else "has no rows (only blank lines)"
 
@@ -78,17 +119,18 @@ def row_name(source: str, index: int) -> str:
     return name
 
 
-def value_problem(field: str, value, max_chars: int) -> str | None:
+def value_problem(field: str, value, max_chars: int, conversation_ok: bool = False) -> str | None:
     """What is wrong with one value, or None. Text must be a string; an `answer` may also be an
     integer (compared as its decimal string). Nothing else is turned into text."""
+    forms = "a string or a conversation (a list of {\"role\", \"content\"} turns)" if conversation_ok else "a string"
     if value is None:
-        return "the value is null (missing); give every row a string there or drop the row"
+        return f"the value is null (missing); give every row {forms} there or drop the row"
     if field == "answer" and isinstance(value, int) and not isinstance(value, bool):
         return None
     if not isinstance(value, str):
         kind = {list: "a list", dict: "an object", bool: "a boolean", int: "a number", float: "a number"}.get(
             type(value), type(value).__name__)
-        return f"the value is {kind} ({str(value)[:60]}), not a string; write it as a string in the file"
+        return f"the value is {kind} ({str(value)[:60]}), not {forms}; write it as {forms} in the file"
     if len(value) > max_chars:
         return (f"{len(value)} characters, more than task.max_chars={max_chars}; shorten or split that row, "
                 f"or raise task.max_chars")
@@ -98,7 +140,7 @@ def value_problem(field: str, value, max_chars: int) -> str | None:
 ROLES = ("system", "user", "assistant")
 
 
-def conversation_problem(value, kind: str) -> str | None:
+def conversation_problem(value, kind: str, max_chars: int = DEFAULT_MAX_CHARS) -> str | None:
     """What is wrong with a conversation value (a list of {role, content} turns; a system turn
     only first), or None. kind: "messages" (at least one assistant turn), "implicit" (a whole
     preference conversation: ends with the assistant's answer), "prompt" (ends with a user turn),
@@ -115,6 +157,9 @@ def conversation_problem(value, kind: str) -> str | None:
             return f"turn {number} is a system turn; only the first turn may be one"
         if not isinstance(turn.get("content"), str):
             return f"turn {number}'s content is {type(turn.get('content')).__name__}, not a string"
+        if len(turn["content"]) > max_chars:
+            return (f"turn {number} has {len(turn['content'])} characters, more than task.max_chars={max_chars}; "
+                    "shorten or split that row, or raise task.max_chars")
     roles = [turn["role"] for turn in value]
     if kind == "messages" and "assistant" not in roles:
         return "the conversation has no assistant turn, so nothing to train on"
@@ -140,6 +185,20 @@ def split_implicit_prompt(chosen: list[dict], rejected: list[dict]) -> dict | st
     if shared == len(chosen) or shared == len(rejected):
         return "chosen or rejected has no answer after the shared prompt turns"
     return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def conversation_form(split: str, field: str, has_prompt: bool) -> tuple[str | None, bool]:
+    """(the conversation kind a field's value may take, or None; whether a string is accepted).
+    prompt: a string or turns ending with a user turn; completion, and chosen/rejected beside a
+    prompt: a string or assistant turns; messages, and chosen/rejected without a prompt (the
+    implicit-prompt form): a whole conversation only; text and answer: strings only."""
+    if field == "messages":
+        return "messages", False
+    if field == "prompt":
+        return "prompt", True
+    if field == "completion" or (split == "preference" and field in ("chosen", "rejected")):
+        return ("answer", True) if field == "completion" or has_prompt else ("implicit", False)
+    return None, True
 
 
 class JsonlTask(Task):
@@ -170,7 +229,10 @@ class JsonlTask(Task):
                 raise ValueError(f"task=jsonl: split '{split}': {err}") from err
         return self._datasets[split]
 
-    def _read(self, split: str, fields: list[str]) -> list[dict]:
+    def _read(self, split: str, fields: list[str], optional: tuple[str, ...] = (), other_columns: bool = False) -> list[dict]:
+        """The split's rows as {field: value}: `fields` must have a column, `optional` ones are
+        read when the split has theirs; with other_columns every other column comes along as it
+        is (under its own name). Every value of a field is checked (conversation_form)."""
         source = self.cfg.splits.get(split)
         rows = self._dataset(split)
         if len(rows) == 0:
@@ -182,23 +244,23 @@ class JsonlTask(Task):
                     f"task=jsonl: split '{split}' ({source}) has no column {column!r} for '{field}'; "
                     f"its columns are {rows.column_names}. Set task.columns.{field}=<column name>."
                 )
+        wanted.update({f: self.cfg.columns[f] for f in optional if self.cfg.columns[f] in rows.column_names})
+        others = [c for c in rows.column_names if c not in wanted.values()] if other_columns else []
         max_chars = int(self.cfg.get("max_chars", DEFAULT_MAX_CHARS))
+        forms = {field: conversation_form(split, field, "prompt" in wanted) for field in wanted}
         out = []
-        for index, row in enumerate(rows.select_columns(list(dict.fromkeys(wanted.values())))):
-            values = {}
+        for index, row in enumerate(rows.select_columns(list(dict.fromkeys([*wanted.values(), *others])))):
+            values = {column: row[column] for column in others}
             for field, column in wanted.items():
-                value = row[column]
-                if field == "messages":
-                    problem = conversation_problem(value, "messages")
-                elif split == "preference" and (isinstance(value, list) or "prompt" not in wanted):
-                    problem = conversation_problem(value, "implicit" if "prompt" not in wanted else
-                                                   "prompt" if field == "prompt" else "answer")
+                value, (kind, string_ok) = row[column], forms[field]
+                if kind and (isinstance(value, list) or not string_ok):
+                    problem = conversation_problem(value, kind, max_chars)
                 else:
-                    problem = value_problem(field, value, max_chars)
+                    problem = value_problem(field, value, max_chars, conversation_ok=kind is not None)
                 if problem:
                     named = f"column {column!r}" + (f" (task.columns.{field})" if column != field else "")
                     raise ValueError(f"task=jsonl: split '{split}' ({source}) {row_name(str(source), index)}, {named}: {problem}")
-                values[field] = row[column] if isinstance(row[column], (str, list)) else str(row[column])
+                values[field] = value if isinstance(value, (str, list)) else str(value)
             out.append(values)
         return out
 
@@ -215,7 +277,7 @@ class JsonlTask(Task):
     def _sft_fields(self) -> list[str]:
         """messages when the sft split has the messages column (task.columns.messages) and no
         completion column, else prompt and completion."""
-        if self.cfg.splits.get("sft") and self._has_column("sft", "messages") and not self._has_column("sft", "completion"):
+        if self.cfg.splits.get("sft") and self.has_column("sft", "messages") and not self.has_column("sft", "completion"):
             return ["messages"]
         return ["prompt", "completion"]
 
@@ -231,7 +293,7 @@ class JsonlTask(Task):
     def preference_pairs(self) -> list[dict]:
         """Strings or conversations as the file has them; the implicit-prompt form (no prompt
         column, chosen and rejected whole conversations) split into prompt and answers."""
-        if self._has_column("preference", "prompt"):
+        if self.has_column("preference", "prompt"):
             return self._read("preference", ["prompt", "chosen", "rejected"])
         pairs = []
         source = str(self.cfg.splits.preference)
@@ -243,7 +305,7 @@ class JsonlTask(Task):
             pairs.append(pair)
         return pairs
 
-    def _has_column(self, split: str, field: str) -> bool:
+    def has_column(self, split: str, field: str) -> bool:
         """Whether the split has field's column (True when the split cannot be read: _read says why)."""
         try:
             return self.cfg.columns[field] in self._dataset(split).column_names
@@ -251,13 +313,19 @@ class JsonlTask(Task):
             return True
 
     def rl_prompts(self) -> list[dict]:
-        return self._read("rl", ["prompt", "answer"])
+        """prompt (a string or a conversation), answer when the split has that column, and every
+        other column as it is (TRL hands them to the reward functions as keyword arguments)."""
+        return self._read("rl", ["prompt"], optional=("answer",), other_columns=True)
 
     def eval_problems(self) -> list[dict]:
-        return self._read("eval", ["prompt", "answer"])
+        """prompt (a string or a conversation), answer, and every other column as it is (best-of-N's
+        reward functions get them as keyword arguments)."""
+        return self._read("eval", ["prompt", "answer"], other_columns=True)
 
-    def text_prompt(self, prompt: str) -> str:
-        return self.cfg.text_prompt.replace("{prompt}", prompt)
+    def text_prompt(self, prompt: str | list[dict]) -> str:
+        """A conversation prompt's plain-text form is its turns' contents, one per line."""
+        text = prompt if isinstance(prompt, str) else "\n".join(turn["content"] for turn in prompt)
+        return self.cfg.text_prompt.replace("{prompt}", text)
 
     def extract_answer(self, completion: str) -> str | None:
         if self.verifier == "math":

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline import artifacts
+from pipeline import artifacts, rewards
 from pipeline.adapters import build_peft_config
 from pipeline.models import load_model, save_policy
 from pipeline.tasks import build_task
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 from pipeline.errors import ConfigError
-from stages.grpo import CURVE_FILE, FILTER_FILE, build_dataset, build_rewards, build_trainer, selected_prompts, training_args
+from stages.grpo import CURVE_FILE, FILTER_FILE, build_dataset, build_trainer, selected_prompts, training_args
 from tests.conftest import compose_config, run_cli
 
 EXPECTED_METRICS = {
@@ -72,9 +72,9 @@ def test_policy_moves_and_reference_does_not(chain, tmp_path, peft):
     tokenizer = load_chat_tokenizer(sft_final)
     tokenizer.padding_side = "left"
     model = load_model(str(sft_final.resolve()))
-    rewards = build_rewards(stage_cfg, task, chain, False)
-    args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path, cfg.seed, rewards[1])
-    trainer = build_trainer(model, tokenizer, build_dataset(task), args, rewards, stage_cfg,
+    reward_funcs = rewards.build(stage_cfg, "grpo", task, chain, False, 1)
+    args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path, cfg.seed, reward_funcs[1])
+    trainer = build_trainer(model, tokenizer, build_dataset(task), args, reward_funcs, stage_cfg,
                             build_peft_config(cfg.peft, model), cfg.optim)
     policy_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -122,7 +122,7 @@ def test_reward_model_scores_the_chat_rendering_of_prompt_and_completion(chain, 
 
     cfg = compose_config(["preset=smoke", f"stages.grpo.reward_model={rm_dir}", "stages.grpo.reward_weights.reward_model=0.5"])
     stage_cfg, task = cfg.stages.grpo, build_task(cfg.task)
-    funcs, weights = build_rewards(stage_cfg, task, chain, False)
+    funcs, weights = rewards.build(stage_cfg, "grpo", task, chain, False, 1)
     assert weights == [1.0, 1.0, 0.5] and funcs[2].__name__ == "reward_model"
     tokenizer.padding_side = "left"
     args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path / "out", cfg.seed, weights)
@@ -130,17 +130,17 @@ def test_reward_model_scores_the_chat_rendering_of_prompt_and_completion(chain, 
     prompts = [[{"role": "user", "content": "47+18-9=?"}]] * 2
     completions = [[{"role": "assistant", "content": "47+18=65\n65-9=56\nA: 56"}], [{"role": "assistant", "content": "A: 7"}]]
     inputs = [{"prompt": p, "answer": "56"} for p in prompts]
-    rewards = trainer._calculate_rewards(inputs, prompts, completions, [[1], [1]])
+    values = trainer._calculate_rewards(inputs, prompts, completions, [[1], [1]])
 
-    assert rewards[:, 0].tolist() == [1.0, 0.0] and rewards[:, 1].tolist() == [1.0, 1.0]  # verifier, format "A:"
+    assert values[:, 0].tolist() == [1.0, 0.0] and values[:, 1].tolist() == [1.0, 1.0]  # verifier, format "A:"
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             expected = rm(**ids).logits[0, 0].item()
-        assert rewards[i, 2].item() == pytest.approx(expected, abs=1e-4)
-    assert rewards[0, 2] != rewards[1, 2]
+        assert values[i, 2].item() == pytest.approx(expected, abs=1e-4)
+    assert values[0, 2] != values[1, 2]
 
 
 def test_interrupted_run_resumes_and_keeps_its_pass_rate_curve(chain, tmp_path):

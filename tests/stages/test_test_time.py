@@ -21,7 +21,8 @@ def metrics(stage: Path) -> dict:
 def chain_run(tmp_path_factory) -> tuple[Path, str]:
     """pretrain -> sft -> test_time in one command; (run dir, its stdout)."""
     run_dir = tmp_path_factory.mktemp("test-time") / "run"
-    proc = run_cli("preset=smoke", f"run.dir={run_dir}", "run.stages=[pretrain,sft,test_time]")
+    proc = run_cli("preset=smoke", f"run.dir={run_dir}", "run.stages=[pretrain,sft,test_time]",
+                   f"stages.test_time.methods=[{','.join(METHODS_WITHOUT_REWARD)}]")
     return run_dir, proc.stdout
 
 
@@ -42,9 +43,7 @@ def test_chain_evaluates_the_newest_policy_with_every_method_and_writes_the_tabl
     assert result["tokens_per_problem/majority_vote"] > result["tokens_per_problem/sample"]
     assert result["tokens_per_problem/power"] > result["tokens_per_problem/low_temperature"]
     assert 0.0 < result["acceptance_rate/power"] <= 1.0
-    # no reward stage in this run: best_of_n is left out, with the reason in the log
     assert "accuracy/best_of_n" not in result
-    assert "best_of_n left out" in stdout and "reward/final does not exist" in stdout
     report = (run_dir / "report.md").read_text()
     assert "## test_time: methods side by side" in report
     table = report.split("## test_time: methods side by side")[1]
@@ -57,7 +56,8 @@ def test_chain_evaluates_the_newest_policy_with_every_method_and_writes_the_tabl
 def test_rerun_skips_the_completed_stage(chain_run):
     run_dir, _ = chain_run
     before = (run_dir / "test_time" / "metrics.json").read_text()
-    proc = run_cli("preset=smoke", f"run.dir={run_dir}", "run.stages=[pretrain,sft,test_time]")
+    proc = run_cli("preset=smoke", f"run.dir={run_dir}", "run.stages=[pretrain,sft,test_time]",
+                   f"stages.test_time.methods=[{','.join(METHODS_WITHOUT_REWARD)}]")
     assert "stage test_time: already completed" in proc.stdout
     assert (run_dir / "test_time" / "metrics.json").read_text() == before
 
@@ -102,6 +102,13 @@ def test_bad_methods_and_reward_model_fail_before_compute(tmp_path):
     with pytest.raises(ConfigError, match=r"stages.test_time.alpha=0.5 is out of range"):
         plan_test_time(tmp_path, "stages.test_time.alpha=0.5", stages=chain)
     plan_test_time(tmp_path, "stages.test_time.methods=[greedy]", stages=chain)  # fine
+    # best_of_n scores with this run's reward model (auto): no reward stage is an error, as in grpo
+    with pytest.raises(ConfigError, match=r"stages.test_time scores with the reward model and "
+                                          r"stages.test_time.reward_model=auto reads .*reward/final, which does not exist"):
+        plan_test_time(tmp_path, stages=chain)
+    plan_test_time(tmp_path, stages="[pretrain,sft,reward,test_time]")  # fine
+    with pytest.raises(ConfigError, match=r"unknown rewards \['correct'\]; valid: reward_model .*best-of-N by it is pass@N"):
+        plan_test_time(tmp_path, "+stages.test_time.reward_weights.correct=1", stages=chain)
     with pytest.raises(ConfigError, match=r"first of grpo, dpo, sft, pretrain that runs before it"):
         plan_test_time(tmp_path, "stages.test_time.input_stage=[grpo,dpo,sft,pretrain]")  # preset=demo: sft alone
 
@@ -111,7 +118,7 @@ def test_power_sampling_refuses_a_p_tuning_adapter(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "P_TUNING"}))
     with pytest.raises(ConfigError, match=r"P_TUNING adapter.*PREFIX_TUNING and PROMPT_TUNING adapters only.*Drop power"):
-        plan_test_time(tmp_path, f"stages.test_time.init={adapter}")
+        plan_test_time(tmp_path, f"stages.test_time.init={adapter}", "stages.test_time.methods=[greedy,power]")
 
 
 def test_prompt_tuning_final_through_every_method(chain_run, tmp_path):

@@ -82,7 +82,7 @@ CASES = [
     ("jsonl malformed line", [*JSONL, "task.splits.pretrain={files}/malformed.jsonl"], {}, "malformed.jsonl' line 3"),
     ("jsonl line not an object", [*JSONL, "task.splits.pretrain={files}/not_object.jsonl"], {}, "not_object.jsonl' line 2"),
     ("jsonl null value", [*JSONL, "task.splits.pretrain={files}/null.jsonl"], {}, "null.jsonl) row 2 (line 2), column 'text'"),
-    ("jsonl list value", [*JSONL, "task.splits.pretrain={files}/list.jsonl"], {}, "list.jsonl) row 2 (line 2), column 'text'"),
+    ("jsonl list value", [*JSONL, "task.splits.pretrain={files}/list.jsonl"], {}, "list.jsonl' line 2, column 'text' is a list where line 1 has a string"),
     ("jsonl number as text", [*JSONL, "task.splits.pretrain={files}/number.jsonl"], {}, "number.jsonl) row 1"),
     ("jsonl row over max_chars", [*JSONL, "task.splits.pretrain={files}/long.jsonl", "task.max_chars=100"], {},
      "long.jsonl) row 2 (line 3), column 'text': 300 characters, more than task.max_chars=100"),

@@ -13,9 +13,9 @@ from pipeline.tasks import build_task
 from pipeline.tokenizer import train_tokenizer
 from pipeline.runner import ConfigError
 from stages.grpo import (
-    StageGRPOTrainer, build_dataset, format_reward, training_args, verifier_reward,
-    zero_variance_weights,
+    StageGRPOTrainer, build_dataset, training_args, zero_variance_weights,
 )
+from pipeline.rewards import format_reward, verifier_reward
 from tests.conftest import compose_config
 
 FORMAT = compose_config().stages.grpo.format_pattern

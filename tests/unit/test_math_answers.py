@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import math_answers
 from pipeline.tasks.jsonl import JsonlTask
-from stages.grpo import build_rewards
+from pipeline import rewards
 from tests.conftest import compose_config
 
 
@@ -54,7 +54,7 @@ def test_model_text_with_code_is_never_run(tmp_path):
 
 def test_grpo_math_reward_scores_against_the_answer_column():
     cfg = compose_config(["stages.grpo.reward_weights={correct:0.0,format:0.0,reward_model:0.0,math:1.0}"])
-    funcs, weights = build_rewards(cfg.stages.grpo, None, None, False)
+    funcs, weights = rewards.build(cfg.stages.grpo, "grpo", None, None, False, 1)
     assert [f.__name__ for f in funcs] == ["math"] and weights == [1.0]
     completions = [[{"role": "assistant", "content": "\\boxed{\\frac{1}{2}}"}], [{"role": "assistant", "content": "0.25"}]]
     assert funcs[0](prompts=[None, None], completions=completions, answer=["0.5", "0.5"]) == [1.0, 0.0]

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from pipeline import reward_functions
+from pipeline import rewards as reward_functions
 from pipeline.errors import ConfigError
 from tests.conftest import run_cli
 

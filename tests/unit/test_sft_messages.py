@@ -52,21 +52,25 @@ def write_rows(path, rows):
 @pytest.mark.parametrize("messages, message", [
     ([{"role": "user", "content": "hi"}], "the conversation has no assistant turn"),
     ([{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}], "turn 1 has role 'human'; roles are system, user, assistant"),
-    ([{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "yo"}], "turn 1's content is list, not a string"),
+    ([{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": ["yo"]}], "turn 1's content is list, not a string"),
     ("hello", "the value is str, not a conversation"),
 ])
 def test_a_bad_conversation_fails_naming_split_row_and_column(tmp_path, messages, message):
-    good = {"messages": CONVERSATION}
-    data = write_rows(tmp_path / "chat.jsonl", [good, {"messages": messages}])
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": messages}])
     task = build_task(compose_config(["task=jsonl", f"task.splits.sft={data}"]).task)
-    with pytest.raises(ValueError, match=rf"split 'sft' \({data}\) row 2 \(line 2\), column 'messages': {message}"):
+    with pytest.raises(ValueError, match=rf"split 'sft' \({data}\) row 1 \(line 1\), column 'messages': {message}"):
         task.validate(["sft"])
 
 
-def test_a_list_where_a_string_is_expected_is_named(tmp_path):
-    data = write_rows(tmp_path / "sft.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "completion": "yo"}])
+@pytest.mark.parametrize("bad, message", [
+    ("hello", r"line 2, column 'messages' is a string where line 1 has a list"),
+    ([{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "yo"}],
+     r"line 2, column 'messages' \(messages\[\].content\) is a list where line 1 has a string"),
+])
+def test_a_column_that_changes_form_between_rows_is_named_by_line(tmp_path, bad, message):
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": bad}])
     task = build_task(compose_config(["task=jsonl", f"task.splits.sft={data}"]).task)
-    with pytest.raises(ValueError, match=r"row 1 \(line 1\), column 'prompt': the value is a list"):
+    with pytest.raises(ValueError, match=rf"split 'sft': data file .*chat.jsonl' {message}: a column holds one form"):
         task.validate(["sft"])
 
 
