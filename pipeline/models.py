@@ -52,10 +52,10 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = False):
-    """The tokenizer of a checkpoint a stage is about to train (sft, reward, dpo, grpo); ConfigError
-    naming the fix if it is an adapter (peft cannot train a saved prefix/prompt adapter further) or
-    lacks a chat template."""
+def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = False) -> None:
+    """ConfigError naming the fix if the checkpoint a stage is about to train (a recipe with
+    TRAINS_INPUT: sft, reward, dpo, grpo) is an adapter (peft cannot train a saved prefix/prompt
+    adapter further) or has no chat-template tokenizer."""
     if is_adapter_checkpoint(path):
         raise ConfigError(
             f"the {stage} input {path} is a PEFT adapter, not a model; {stage} trains a plain checkpoint (peft "
@@ -63,7 +63,7 @@ def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = Fals
             f"final/ (stages.{stage}.init={path / BASE_DIR}) or from a LoRA run's merged final/"
         )
     try:
-        return load_chat_tokenizer(path, trust_remote_code)
+        load_chat_tokenizer(path, trust_remote_code)
     except ValueError as err:
         raise ConfigError(f"{stage} input: {err}") from err
 

@@ -4,11 +4,17 @@ resumes interrupted ones, and writes manifests, metrics and the report.
 A stage recipe is the module `stages.<name>` with:
     SPLITS  task splits it reads (checked before any compute starts)
     OPTIONAL_SPLITS  optional: splits it reads when the task has them (e.g. sft's eval)
-    USES    top-level config groups that change its result (part of its config hash)
+    USES    top-level config groups that change its result (part of its config hash); with
+                peft in it the runner checks the peft group before any stage runs
+    NEEDS_INPUT  optional, default True: the stage starts from a checkpoint (`init`, or the
+                final/ of an `input_stage` candidate); False: it may start without (pretrain)
+    TRAINS_INPUT  optional, default False: the runner checks that the input is a trainable
+                model (not a saved adapter) with a chat-template tokenizer
     run(ctx: StageContext) -> dict[str, float]   trains, saves final/, returns metrics
     validate(cfg, input_path) -> None   optional: cheap checks of the stage's config and of an
-                existing input checkpoint, raising ConfigError before any stage runs; input_path
-                is None when the input is still to be written by an earlier stage of this run
+                existing input checkpoint, raising ConfigError. The runner calls it before any
+                stage runs (input_path None when the input is still to be written by an earlier
+                stage of this run) and again just before run(), when the input exists
     WRITES_FINAL  optional, default True; False for a stage that only evaluates (no final/):
                 it counts as completed from its manifest alone
     extra_inputs(cfg, run_dir, planned) -> str | None   optional: a fingerprint of inputs other
@@ -36,8 +42,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from pipeline import artifacts, distributed, hub, lock, preemption
+from pipeline.adapters import check_peft_config
 from pipeline.config_check import check_config
 from pipeline.errors import ConfigError  # noqa: F401 (re-exported: stages import it from here)
+from pipeline.models import check_trainable_input
 from pipeline.report import write_report
 from pipeline.tasks import Task, build_task
 
@@ -122,14 +130,25 @@ def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
         module = load_stage_module(name, cfg)
         stage_cfg = cfg.stages[name]
         input_path, fingerprint = resolve_input(cfg, name, stage_cfg, run_dir, hashes)
-        if hasattr(module, "validate"):
-            pending = not stage_cfg.get("init") and upstream_stage(stage_cfg, run_dir, hashes) in hashes
-            module.validate(cfg, None if pending else input_path)
+        if input_path is None and getattr(module, "NEEDS_INPUT", True):
+            raise ConfigError(f"stage {name!r} needs an input checkpoint: set stages.{name}.input_stage or stages.{name}.init")
+        if "peft" in module.USES:
+            check_peft_config(cfg.peft)
+        pending = not stage_cfg.get("init") and upstream_stage(stage_cfg, run_dir, hashes) in hashes
+        check_stage(cfg, name, module, None if pending else input_path)
         extra = module.extra_inputs(cfg, run_dir, hashes) if hasattr(module, "extra_inputs") else None
         config_hash = stage_hash(cfg, name, module, fingerprint, extra)
         hashes[name] = config_hash
         plans.append(StagePlan(name, module, input_path, fingerprint, config_hash))
     return plans
+
+
+def check_stage(cfg: DictConfig, name: str, module, input_path: Path | None) -> None:
+    """The recipe's validate() and, for a stage that trains its input, the input's check."""
+    if input_path is not None and getattr(module, "TRAINS_INPUT", False):
+        check_trainable_input(input_path, name, bool(cfg.model.trust_remote_code))
+    if hasattr(module, "validate"):
+        module.validate(cfg, input_path)
 
 
 def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) -> tuple[Path | None, str | None]:
@@ -290,6 +309,7 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
         return artifacts.read_metrics(stage_dir) or {}
     if action == "finish":
         return finish_committed_stage(plan, run_dir)
+    check_stage(cfg, plan.name, plan.module, plan.input_path)  # again: an earlier stage may have just written the input
     if distributed.is_main_process():
         if action == "replace":
             moved = artifacts.archive_stage_dir(stage_dir, "superseded")
