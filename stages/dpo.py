@@ -41,7 +41,7 @@ SPLITS = ("preference",)
 # task has problems with answers
 OPTIONAL_SPLITS = ("rl", "eval")
 PAIR_SOURCES = ("on_policy", "task")
-USES = ("task", "optim", "peft")
+USES = ("task", "optim", "peft", "trainer")
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 # the pairwise losses of trl 1.16's DPOTrainer (DPOConfig.loss_type); tests check them against it
 LOSS_TYPES = (

@@ -43,7 +43,7 @@ from pipeline.tokenizer import load_chat_tokenizer
 
 SPLITS = ("rl",)
 OPTIONAL_SPLITS = ("eval",)  # the pass-rate curve and held-out accuracy, when the task has problems with answers
-USES = ("task", "optim", "peft")
+USES = ("task", "optim", "peft", "trainer")
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # trl 1.16

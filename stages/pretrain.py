@@ -25,7 +25,7 @@ from pipeline.resume import ExactResume
 from pipeline.tokenizer import stop_token_ids, train_tokenizer
 
 SPLITS = ("pretrain", "eval")
-USES = ("model", "task", "optim")
+USES = ("model", "task", "optim", "trainer")
 NEEDS_INPUT = False  # no input: the model group builds one from config
 
 

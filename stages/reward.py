@@ -31,7 +31,7 @@ from pipeline.runner import ConfigError
 from pipeline.tasks import conversational_pairs
 
 SPLITS = ("preference",)
-USES = ("task", "optim", "peft")
+USES = ("task", "optim", "peft", "trainer")
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 PEFT_METHODS = ("none", "lora")
 

@@ -39,7 +39,7 @@ from pipeline.runner import ConfigError
 
 SPLITS = ("sft",)
 OPTIONAL_SPLITS = ("eval",)  # held-out accuracy when the task has problems with answers; else eval_loss only
-USES = ("task", "optim", "peft")
+USES = ("task", "optim", "peft", "trainer")
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 
 

@@ -28,7 +28,7 @@ from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, TestTi
 from pipeline.tokenizer import load_chat_tokenizer
 
 SPLITS = ("eval",)
-USES = ("task",)
+USES = ("task", "trainer")
 WRITES_FINAL = False
 BEST_OF_N_REWARDS = ("reward_model",)  # the built-in best_of_n offers, beside the user's functions
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE")
