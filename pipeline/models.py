@@ -154,11 +154,11 @@ LAST_LAYER = "{last}"  # in a train_only pattern: the index of the model's last 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-def check_trainable_scope(cfg, stage: str, input_path: Path | None) -> None:
-    """Config errors of a stage's `freeze` / `train_only` regexes, before any compute: bad
-    regexes, peft combinations, and patterns the input model's parameter names (read from its
-    config on the meta device, no weights) cannot match."""
-    stage_cfg, peft_method = cfg.stages[stage], cfg.peft.method
+def check_trainable_scope(stage_cfg, stage: str, peft_method: str, model_cfg, input_path: Path | None) -> None:
+    """Config errors of a stage's `freeze` / `train_only` regexes (stage_cfg, named
+    stages.<stage> in messages), before any compute: bad regexes, peft combinations, and
+    patterns the input model's parameter names (read from its config on the meta device, no
+    weights; model_cfg when there is no input yet) cannot match."""
     fields = [f for f in ("freeze", "train_only") if stage_cfg.get(f)]
     for field in fields:
         if peft_method != "none":
@@ -169,7 +169,7 @@ def check_trainable_scope(cfg, stage: str, input_path: Path | None) -> None:
                 re.compile(str(pattern).replace(LAST_LAYER, "0"))
             except re.error as err:
                 raise ConfigError(f"stages.{stage}.{field}: {pattern!r} is not a regular expression: {err}") from err
-    skeleton = model_skeleton(cfg.model, input_path) if fields else None
+    skeleton = model_skeleton(model_cfg, input_path) if fields else None
     if skeleton is not None:
         restrict_trainable(skeleton, stage_cfg, stage)
 

@@ -108,8 +108,8 @@ def recipes_in(package: str) -> list[str]:
 def available_stages(cfg: DictConfig) -> list[str]:
     """The stages that exist: a recipe module (in `stages/` or a run.stage_packages package) with
     a config under `stages`."""
-    found = [name for package in recipe_packages(cfg) for name in recipes_in(package)]
-    return [name for name in dict.fromkeys(found) if name in cfg.stages]
+    found = {name for package in recipe_packages(cfg) for name in recipes_in(package)}
+    return [name for name in cfg.stages if name in found]
 
 
 def with_stage_packages(cfg: DictConfig) -> DictConfig:
@@ -150,7 +150,7 @@ def stage_splits(module, task: Task | None = None) -> tuple[str, ...]:
 
 
 # keys of a group that cannot change what a stage computes: left out of its config hash
-NOT_RESULTS = {"trainer": ("report_to",)}
+NOT_RESULTS = {"trainer": ("report_to",), "model": ("trust_remote_code",)}
 
 
 def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None, extra: str | None = None) -> str:

@@ -41,7 +41,7 @@ SPLITS = ("preference",)
 # task has problems with answers
 OPTIONAL_SPLITS = ("rl", "eval")
 PAIR_SOURCES = ("on_policy", "task")
-USES = ("task", "optim", "peft", "trainer")
+USES = ("task", "optim", "peft", "trainer", "model")  # model: train_only/freeze checked against its parameters
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 # the pairwise losses of trl 1.16's DPOTrainer (DPOConfig.loss_type); tests check them against it
 LOSS_TYPES = (
@@ -68,7 +68,7 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError(f"stages.dpo.samples_per_prompt={stage.samples_per_prompt}: on-policy pairs need at least 2 samples per prompt")
     if stage.eval_pairs < 1:
         raise ConfigError(f"stages.dpo.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the reward accuracy")
-    check_trainable_scope(cfg, "dpo", input_path)
+    check_trainable_scope(stage, "dpo", cfg.peft.method, cfg.model, input_path)
 
 
 

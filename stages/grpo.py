@@ -43,7 +43,7 @@ from pipeline.tokenizer import load_chat_tokenizer
 
 SPLITS = ("rl",)
 OPTIONAL_SPLITS = ("eval",)  # the pass-rate curve and held-out accuracy, when the task has problems with answers
-USES = ("task", "optim", "peft", "trainer")
+USES = ("task", "optim", "peft", "trainer", "model")  # model: train_only/freeze checked against its parameters
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # trl 1.16
@@ -59,7 +59,7 @@ def validate(cfg, input_path: Path | None) -> None:
     """Config and input errors, raised as ConfigError before any compute."""
     check_objective(cfg)
     check_rewards(cfg)
-    check_trainable_scope(cfg, "grpo", input_path)
+    check_trainable_scope(cfg.stages.grpo, "grpo", cfg.peft.method, cfg.model, input_path)
 
 
 def check_objective(cfg) -> None:

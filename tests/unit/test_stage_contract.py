@@ -47,3 +47,8 @@ def test_a_trainer_setting_reruns_a_stage_and_tracking_does_not():
 
     assert sft_hash("trainer.precision=bf16") != sft_hash("trainer.precision=fp32")
     assert sft_hash("trainer.report_to=none") == sft_hash("trainer.report_to=tensorboard")
+
+
+def test_benchmarks_do_not_import_the_tests():
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        assert not re.search(r"(?m)^\s*(from|import) tests\b", script.read_text()), script.name
