@@ -37,7 +37,7 @@ def before_metrics(init: Path, num_problems: int, overrides: list[str]) -> tuple
     from pipeline.models import load_model
     from pipeline.tasks import build_task
     from pipeline.tokenizer import load_chat_tokenizer
-    from tests.conftest import compose_config
+    from pipeline.config import compose_config
 
     cfg = compose_config(overrides)
     stage, task = cfg.stages.grpo, build_task(cfg.task)

@@ -4,7 +4,7 @@ weight (eps per weight, the size of one early Adam step at lr=eps).
 
     python benchmarks/moe_routing.py --init /path/to/sft/final [--examples 64] [--eps 1e-5,1e-4,1e-3]
 
-Measured on the task's SFT examples in the checkpoint's chat template (README "Why the demo trains only the last block").
+Measured on the task's SFT examples in the checkpoint's chat template (benchmarks/RESULTS.md, "Why the demo trains only the last block").
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pipeline.evaluate import render_prompts  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.tasks import build_task  # noqa: E402
 from pipeline.tokenizer import load_chat_tokenizer  # noqa: E402
-from tests.conftest import compose_config  # noqa: E402
+from pipeline.config import compose_config  # noqa: E402
 
 
 def routes(model, batch) -> tuple[list[torch.Tensor], torch.Tensor]:

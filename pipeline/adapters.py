@@ -14,16 +14,19 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig
 
+from pipeline.errors import ConfigError
+
 METHODS = ("none", "lora", "prefix", "prompt")
 PROMPT_LEARNING = ("prefix", "prompt")  # virtual tokens: cannot be merged into the base weights
 
 
 def check_peft_config(peft_cfg) -> None:
-    """What can be wrong with the `peft` group before any model is loaded; raises ValueError."""
+    """What can be wrong with the `peft` group before any model is loaded (the runner checks it
+    for every stage whose USES lists peft); raises ConfigError."""
     if peft_cfg.method not in METHODS:
-        raise ValueError(f"peft.method={peft_cfg.method!r} is unknown; valid: {', '.join(METHODS)}")
+        raise ConfigError(f"peft.method={peft_cfg.method!r} is unknown; valid: {', '.join(METHODS)}")
     if peft_cfg.method == "lora" and peft_cfg.dropout and peft_cfg.target_parameters:
-        raise ValueError(
+        raise ConfigError(
             f"peft.dropout={peft_cfg.dropout} cannot apply to peft.target_parameters (peft's ParamWrapper, which "
             "adapts the 3D MoE expert weights, has no dropout); set peft.dropout=0 or peft.target_parameters=[]"
         )

@@ -121,7 +121,7 @@ SEED = Rule("int", low=0, high=SEED_MAX)
 
 RULES: dict[str, Rule] = {
     # --- top level and run
-    "seed": SEED, "run.name": TEXT, "run.dir": TEXT, "run.stages": TEXTS, "run.force": BOOL,
+    "seed": SEED, "run.name": TEXT, "run.dir": TEXT, "run.stages": TEXTS, "run.force": BOOL, "run.stage_packages": TEXTS,
     # --- every stage: sizes, steps, paths
     "init": PATH, "input_stage": Rule("names", null="start from the model group"),
     "max_steps": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "seq_len": COUNT, "max_length": COUNT,

@@ -142,16 +142,32 @@ def evaluate(
     )
 
 
-def evaluate_policy(model, tokenizer, task, stage_cfg, seed: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class EvalSettings:
+    """A policy stage's held-out evaluation (its eval_problems, eval_samples, max_new_tokens and
+    eval_batch_size keys)."""
+
+    problems: int  # the first `problems` eval problems: the same for every stage, so stages compare
+    samples: int  # samples per problem for the sampled accuracy
+    max_new_tokens: int
+    batch_size: int
+
+    @classmethod
+    def of_stage(cls, stage_cfg) -> "EvalSettings":
+        """From a stage config's eval_problems, eval_samples, max_new_tokens, eval_batch_size."""
+        return cls(int(stage_cfg.eval_problems), int(stage_cfg.eval_samples), int(stage_cfg.max_new_tokens),
+                   int(stage_cfg.eval_batch_size))
+
+
+def evaluate_policy(model, tokenizer, task, settings: EvalSettings, seed: int) -> dict[str, float]:
     """A policy stage's held-out numbers in the chat format: greedy accuracy and sampled
-    (temperature 1) accuracy on the first `stage_cfg.eval_problems` eval problems, the same
-    problems for every stage so that the stages compare. The sampled figure is the mean over
-    `stage_cfg.eval_samples` samples per problem (pass@1), which narrows its sampling noise."""
-    problems = task.eval_problems()[: stage_cfg.eval_problems]
-    options = dict(prompt_format="chat", max_new_tokens=stage_cfg.max_new_tokens, batch_size=stage_cfg.eval_batch_size)
+    (temperature 1) accuracy. The sampled figure is the mean over `settings.samples` samples per
+    problem (pass@1), which narrows its sampling noise."""
+    problems = task.eval_problems()[: settings.problems]
+    options = dict(prompt_format="chat", max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     greedy = evaluate(model, tokenizer, task, problems, **options)
     set_seed(seed)
-    samples = int(stage_cfg.get("eval_samples") or 1)
+    samples = int(settings.samples)
     sampled = evaluate(model, tokenizer, task, problems, temperature=1.0, num_samples=samples, **options)
     return {
         "eval_accuracy": greedy.accuracy,
@@ -162,7 +178,7 @@ def evaluate_policy(model, tokenizer, task, stage_cfg, seed: int) -> dict[str, f
     }
 
 
-def held_out_accuracy(model, tokenizer, task, stage_cfg, seed: int, autocast, stage: str) -> dict[str, float]:
+def held_out_accuracy(model, tokenizer, task, settings: EvalSettings, seed: int, autocast, stage: str) -> dict[str, float]:
     """evaluate_policy under `autocast` (the stage's precision) when the task has eval problems
     with answers; else {} and a line saying so (a chat or preference set has none)."""
     if not task.has_split("eval"):
@@ -171,4 +187,4 @@ def held_out_accuracy(model, tokenizer, task, stage_cfg, seed: int, autocast, st
         log(f"stage {stage}: the task has no eval split (problems with answers): no answer accuracy")
         return {}
     with autocast:
-        return evaluate_policy(model, tokenizer, task, stage_cfg, seed)
+        return evaluate_policy(model, tokenizer, task, settings, seed)

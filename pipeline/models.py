@@ -52,10 +52,10 @@ def is_adapter_checkpoint(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = False):
-    """The tokenizer of a checkpoint a stage is about to train (sft, reward, dpo, grpo); ConfigError
-    naming the fix if it is an adapter (peft cannot train a saved prefix/prompt adapter further) or
-    lacks a chat template."""
+def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = False) -> None:
+    """ConfigError naming the fix if the checkpoint a stage is about to train (a recipe with
+    TRAINS_INPUT: sft, reward, dpo, grpo) is an adapter (peft cannot train a saved prefix/prompt
+    adapter further) or has no chat-template tokenizer."""
     if is_adapter_checkpoint(path):
         raise ConfigError(
             f"the {stage} input {path} is a PEFT adapter, not a model; {stage} trains a plain checkpoint (peft "
@@ -63,7 +63,7 @@ def check_trainable_input(path: Path, stage: str, trust_remote_code: bool = Fals
             f"final/ (stages.{stage}.init={path / BASE_DIR}) or from a LoRA run's merged final/"
         )
     try:
-        return load_chat_tokenizer(path, trust_remote_code)
+        load_chat_tokenizer(path, trust_remote_code)
     except ValueError as err:
         raise ConfigError(f"{stage} input: {err}") from err
 
@@ -154,11 +154,11 @@ LAST_LAYER = "{last}"  # in a train_only pattern: the index of the model's last 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
-def check_trainable_scope(cfg, stage: str, input_path: Path | None) -> None:
-    """Config errors of a stage's `freeze` / `train_only` regexes, before any compute: bad
-    regexes, peft combinations, and patterns the input model's parameter names (read from its
-    config on the meta device, no weights) cannot match."""
-    stage_cfg, peft_method = cfg.stages[stage], cfg.peft.method
+def check_trainable_scope(stage_cfg, stage: str, peft_method: str, model_cfg, input_path: Path | None) -> None:
+    """Config errors of a stage's `freeze` / `train_only` regexes (stage_cfg, named
+    stages.<stage> in messages), before any compute: bad regexes, peft combinations, and
+    patterns the input model's parameter names (read from its config on the meta device, no
+    weights; model_cfg when there is no input yet) cannot match."""
     fields = [f for f in ("freeze", "train_only") if stage_cfg.get(f)]
     for field in fields:
         if peft_method != "none":
@@ -169,7 +169,7 @@ def check_trainable_scope(cfg, stage: str, input_path: Path | None) -> None:
                 re.compile(str(pattern).replace(LAST_LAYER, "0"))
             except re.error as err:
                 raise ConfigError(f"stages.{stage}.{field}: {pattern!r} is not a regular expression: {err}") from err
-    skeleton = model_skeleton(cfg.model, input_path) if fields else None
+    skeleton = model_skeleton(model_cfg, input_path) if fields else None
     if skeleton is not None:
         restrict_trainable(skeleton, stage_cfg, stage)
 

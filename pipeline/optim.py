@@ -33,6 +33,17 @@ def stage_optim(cfg, stage: str):
     return stage_group(cfg, "optim", stage)
 
 
+def learning_rate(stage_cfg, peft_cfg=None) -> float | None:
+    """A stage's learning rate: its own `lr`, else the peft group's (for a stage that trains
+    through it: the rate that suits full fine-tuning or the adapter), else None: the optim
+    group's `lr` (trainer_kwargs)."""
+    if stage_cfg.get("lr") is not None:
+        return float(stage_cfg.lr)
+    if peft_cfg is not None and peft_cfg.get("lr") is not None:
+        return float(peft_cfg.lr)
+    return None
+
+
 def trainer_kwargs(optim_cfg, lr: float | None = None) -> dict:
     """TrainingArguments fields for the configured optimizer and schedule."""
     check_supported(optim_cfg)
@@ -45,7 +56,8 @@ def trainer_kwargs(optim_cfg, lr: float | None = None) -> dict:
         adam_beta2=float(beta2),
         adam_epsilon=float(optim_cfg.eps),
         lr_scheduler_type=str(optim_cfg.scheduler),
-        warmup_steps=float(optim_cfg.warmup_ratio),  # a float in [0, 1) is a ratio of total steps
+        # transformers 5 has no warmup_ratio: warmup_steps below 1 is the fraction of the total steps
+        warmup_steps=float(optim_cfg.warmup_ratio),
         max_grad_norm=float(optim_cfg.max_grad_norm),
         ddp_backend=distributed.backend(),
     )

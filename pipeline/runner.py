@@ -4,11 +4,17 @@ resumes interrupted ones, and writes manifests, metrics and the report.
 A stage recipe is the module `stages.<name>` with:
     SPLITS  task splits it reads (checked before any compute starts)
     OPTIONAL_SPLITS  optional: splits it reads when the task has them (e.g. sft's eval)
-    USES    top-level config groups that change its result (part of its config hash)
+    USES    top-level config groups that change its result (part of its config hash); with
+                peft in it the runner checks the peft group before any stage runs
+    NEEDS_INPUT  optional, default True: the stage starts from a checkpoint (`init`, or the
+                final/ of an `input_stage` candidate); False: it may start without (pretrain)
+    TRAINS_INPUT  optional, default False: the runner checks that the input is a trainable
+                model (not a saved adapter) with a chat-template tokenizer
     run(ctx: StageContext) -> dict[str, float]   trains, saves final/, returns metrics
     validate(cfg, input_path) -> None   optional: cheap checks of the stage's config and of an
-                existing input checkpoint, raising ConfigError before any stage runs; input_path
-                is None when the input is still to be written by an earlier stage of this run
+                existing input checkpoint, raising ConfigError. The runner calls it before any
+                stage runs (input_path None when the input is still to be written by an earlier
+                stage of this run) and again just before run(), when the input exists
     WRITES_FINAL  optional, default True; False for a stage that only evaluates (no final/):
                 it counts as completed from its manifest alone
     extra_inputs(cfg, run_dir, planned) -> str | None   optional: a fingerprint of inputs other
@@ -26,23 +32,27 @@ stage ran.
 
 from __future__ import annotations
 
+import copy
 import importlib
+import pkgutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import set_seed
 
 from pipeline import artifacts, distributed, hub, lock, preemption
+from pipeline.adapters import check_peft_config
 from pipeline.config_check import check_config
 from pipeline.errors import ConfigError  # noqa: F401 (re-exported: stages import it from here)
+from pipeline.models import check_trainable_input
 from pipeline.report import write_report
 from pipeline.tasks import Task, build_task
 
 # the canonical chain; the report lists stages in this order
-STAGE_ORDER = ["pretrain", "sft", "reward", "dpo", "grpo", "test_time"]
+RECIPES = "stages"  # the package of the built-in recipes; run.stage_packages adds the user's
 MODEL_INPUT = "model"  # an input_stage candidate: the model group's checkpoint
 
 
@@ -79,16 +89,58 @@ def log(message: str, every_rank: bool = False) -> None:
         print(f"[pipeline] {message}", flush=True)
 
 
-def load_stage_module(name: str, cfg: DictConfig):
-    valid = [s for s in STAGE_ORDER if s in cfg.stages] + [s for s in cfg.stages if s not in STAGE_ORDER]
-    if name not in cfg.stages:
-        raise ConfigError(f"unknown stage {name!r} in run.stages; valid stages: {', '.join(valid)}")
+def recipe_packages(cfg: DictConfig) -> list[str]:
+    return [RECIPES, *(str(p) for p in (cfg.run.get("stage_packages") or []))]
+
+
+def import_package(package: str):
     try:
-        return importlib.import_module(f"stages.{name}")
+        return importlib.import_module(package)
     except ModuleNotFoundError as err:
-        if err.name == f"stages.{name}":
-            raise ConfigError(f"stage {name!r} has a config but no recipe (stages/{name}.py)") from err
-        raise
+        raise ConfigError(f"run.stage_packages: {package!r} does not import ({err}); put the package on the Python "
+                          "path (PYTHONPATH, or pip install it)") from err
+
+
+def recipes_in(package: str) -> list[str]:
+    return [m.name for m in pkgutil.iter_modules(import_package(package).__path__) if not m.ispkg]
+
+
+def available_stages(cfg: DictConfig) -> list[str]:
+    """The stages that exist: a recipe module (in `stages/` or a run.stage_packages package) with
+    a config under `stages`."""
+    found = {name for package in recipe_packages(cfg) for name in recipes_in(package)}
+    return [name for name in cfg.stages if name in found]
+
+
+def with_stage_packages(cfg: DictConfig) -> DictConfig:
+    """cfg with the config of every recipe in run.stage_packages: <package>/<name>.yaml under
+    stages.<name>, with the values the command line set there (+stages.<name>.key=value) on top."""
+    packages = recipe_packages(cfg)[1:]
+    if not packages:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for package in packages:
+            folder = Path(import_package(package).__path__[0])
+            for name in recipes_in(package):
+                if (folder / f"{name}.yaml").is_file():
+                    given = cfg.stages.get(name) or {}
+                    cfg.stages[name] = OmegaConf.merge(OmegaConf.load(folder / f"{name}.yaml"), given)
+    return cfg
+
+
+def load_stage_module(name: str, cfg: DictConfig):
+    if name not in cfg.stages:
+        raise ConfigError(f"unknown stage {name!r} in run.stages; valid stages: {', '.join(available_stages(cfg))} "
+                          "(a stage of your own: its package in run.stage_packages, with <name>.py and <name>.yaml)")
+    for package in recipe_packages(cfg):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name not in (f"{package}.{name}", package):
+                raise
+    raise ConfigError(f"stage {name!r} has a config but no recipe ({RECIPES}/{name}.py or {name}.py in a "
+                      "run.stage_packages package)")
 
 
 def stage_splits(module, task: Task | None = None) -> tuple[str, ...]:
@@ -97,8 +149,13 @@ def stage_splits(module, task: Task | None = None) -> tuple[str, ...]:
     return tuple(module.SPLITS) + tuple(s for s in optional if task is None or task.has_split(s))
 
 
+# keys of a group that cannot change what a stage computes: left out of its config hash
+NOT_RESULTS = {"trainer": ("report_to",), "model": ("trust_remote_code",)}
+
+
 def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None, extra: str | None = None) -> str:
-    payload = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in module.USES}
+    payload = {group: {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items()
+                       if k not in NOT_RESULTS.get(group, ())} for group in module.USES}
     payload["stage"] = OmegaConf.to_container(cfg.stages[name], resolve=True)
     payload["seed"] = cfg.seed
     payload["input"] = input_fingerprint
@@ -122,14 +179,25 @@ def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
         module = load_stage_module(name, cfg)
         stage_cfg = cfg.stages[name]
         input_path, fingerprint = resolve_input(cfg, name, stage_cfg, run_dir, hashes)
-        if hasattr(module, "validate"):
-            pending = not stage_cfg.get("init") and upstream_stage(stage_cfg, run_dir, hashes) in hashes
-            module.validate(cfg, None if pending else input_path)
+        if input_path is None and getattr(module, "NEEDS_INPUT", True):
+            raise ConfigError(f"stage {name!r} needs an input checkpoint: set stages.{name}.input_stage or stages.{name}.init")
+        if "peft" in module.USES:
+            check_peft_config(cfg.peft)
+        pending = not stage_cfg.get("init") and upstream_stage(stage_cfg, run_dir, hashes) in hashes
+        check_stage(cfg, name, module, None if pending else input_path)
         extra = module.extra_inputs(cfg, run_dir, hashes) if hasattr(module, "extra_inputs") else None
         config_hash = stage_hash(cfg, name, module, fingerprint, extra)
         hashes[name] = config_hash
         plans.append(StagePlan(name, module, input_path, fingerprint, config_hash))
     return plans
+
+
+def check_stage(cfg: DictConfig, name: str, module, input_path: Path | None) -> None:
+    """The recipe's validate() and, for a stage that trains its input, the input's check."""
+    if input_path is not None and getattr(module, "TRAINS_INPUT", False):
+        check_trainable_input(input_path, name, bool(cfg.model.trust_remote_code))
+    if hasattr(module, "validate"):
+        module.validate(cfg, input_path)
 
 
 def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) -> tuple[Path | None, str | None]:
@@ -248,6 +316,7 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, force: bool) -> tuple[st
 
 def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
     """Run cfg.run.stages in order; returns each stage's metrics."""
+    cfg = with_stage_packages(cfg)
     distributed.state()  # before any Trainer builds an Accelerator
     preemption.install_handlers()
     run_dir = Path(str(cfg.run.dir)).expanduser().resolve()
@@ -289,7 +358,8 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
         log(f"stage {plan.name}: already completed with config {plan.config_hash}, skipping")
         return artifacts.read_metrics(stage_dir) or {}
     if action == "finish":
-        return finish_committed_stage(plan, run_dir)
+        return finish_committed_stage(plan, run_dir, list(cfg.run.stages))
+    check_stage(cfg, plan.name, plan.module, plan.input_path)  # again: an earlier stage may have just written the input
     if distributed.is_main_process():
         if action == "replace":
             moved = artifacts.archive_stage_dir(stage_dir, "superseded")
@@ -342,14 +412,14 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
                     f"still says running ({type(write_err).__name__}: {write_err}); the stage failed with: {manifest['error']}")
         raise
     if distributed.is_main_process():
-        write_report(run_dir, STAGE_ORDER)
+        write_report(run_dir, list(cfg.run.stages))
     distributed.barrier()
     headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))
     log(f"stage {plan.name}: completed in {wall:.0f}s; {headline}")
     return metrics
 
 
-def finish_committed_stage(plan: StagePlan, run_dir: Path) -> dict:
+def finish_committed_stage(plan: StagePlan, run_dir: Path, order: list[str]) -> dict:
     """A stage killed after its final/ was committed: write the metrics saved with it and mark
     it completed, without training again."""
     stage_dir = run_dir / plan.name
@@ -359,7 +429,7 @@ def finish_committed_stage(plan: StagePlan, run_dir: Path) -> dict:
         manifest = artifacts.read_manifest(stage_dir) or {"stage": plan.name, "config_hash": plan.config_hash}
         manifest.update(status="completed", ended=artifacts.now(), recovered="final/ was complete; metrics from final/")
         artifacts.write_manifest(stage_dir, manifest)
-        write_report(run_dir, STAGE_ORDER)
+        write_report(run_dir, order)
     distributed.barrier()
     log(f"stage {plan.name}: its final/ was complete when the last run stopped; recorded it as completed, no training")
     return metrics

@@ -17,22 +17,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import is_conversational
 
 from pipeline import distributed, preemption, trainer_settings
-from pipeline.adapters import build_peft_config, check_peft_config
-from pipeline.evaluate import generate, held_out_accuracy, render_prompts
+from pipeline.adapters import build_peft_config
+from pipeline.evaluate import EvalSettings, generate, held_out_accuracy, render_prompts
 from pipeline.models import (
-    check_trainable_input, check_trainable_scope, count_parameters, load_model, restrict_trainable, save_policy,
+    check_trainable_scope, count_parameters, load_model, restrict_trainable, save_policy,
     set_router_aux_loss,
 )
-from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
+from pipeline.tokenizer import load_chat_tokenizer
 from pipeline.runner import ConfigError, log
 from pipeline.tasks import conversational_pairs
 
@@ -41,7 +41,8 @@ SPLITS = ("preference",)
 # task has problems with answers
 OPTIONAL_SPLITS = ("rl", "eval")
 PAIR_SOURCES = ("on_policy", "task")
-USES = ("task", "optim", "peft")
+USES = ("task", "optim", "peft", "trainer", "model")  # model: train_only/freeze checked against its parameters
+TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 # the pairwise losses of trl 1.16's DPOTrainer (DPOConfig.loss_type); tests check them against it
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
@@ -50,11 +51,7 @@ LOSS_TYPES = (
 
 
 def validate(cfg, input_path: Path | None) -> None:
-    stage, peft_cfg = cfg.stages.dpo, cfg.peft
-    try:
-        check_peft_config(peft_cfg)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    stage = cfg.stages.dpo
     losses = list(stage.loss_type) if not isinstance(stage.loss_type, str) else [stage.loss_type]
     unknown = [loss for loss in losses if loss not in LOSS_TYPES]
     if unknown:
@@ -71,15 +68,13 @@ def validate(cfg, input_path: Path | None) -> None:
         raise ConfigError(f"stages.dpo.samples_per_prompt={stage.samples_per_prompt}: on-policy pairs need at least 2 samples per prompt")
     if stage.eval_pairs < 1:
         raise ConfigError(f"stages.dpo.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the reward accuracy")
-    if input_path is not None:
-        check_trainable_input(input_path, "dpo", bool(cfg.model.trust_remote_code))
-    check_trainable_scope(cfg, "dpo", input_path)
+    check_trainable_scope(stage, "dpo", cfg.peft.method, cfg.model, input_path)
 
 
 
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, shared: dict | None = None) -> DPOConfig:
     """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
-    lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
+    lr = learning_rate(stage_cfg, peft_cfg)
     return DPOConfig(
         output_dir=str(output_dir),
         max_steps=stage_cfg.max_steps,
@@ -209,10 +204,7 @@ def implicit_rewards(trainer: DPOTrainer, pairs, prefix: str) -> dict[str, float
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    if ctx.input_path is None:
-        raise ConfigError("dpo needs an input checkpoint: set stages.dpo.input_stage or stages.dpo.init")
-    validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
-    tokenizer = check_trainable_input(ctx.input_path, "dpo", bool(ctx.cfg.model.trust_remote_code))
+    tokenizer = load_chat_tokenizer(ctx.input_path, bool(ctx.cfg.model.trust_remote_code))
     model = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code),
                        trainer_settings.attn_implementation(ctx.cfg, ctx.name))
     restrict_trainable(model, ctx.stage_cfg, "dpo")
@@ -238,7 +230,7 @@ def run(ctx) -> dict[str, float]:
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    accuracy = held_out_accuracy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed,
+    accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.cfg.seed,
                                  trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name)
     log_history = trainer.state.log_history
     if distributed.is_main_process():

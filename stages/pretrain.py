@@ -19,13 +19,14 @@ from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArgume
 from pipeline import artifacts, distributed, preemption, trainer_settings
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
-from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.optim import OptimizerStateSize, learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tokenizer import stop_token_ids, train_tokenizer
 
 SPLITS = ("pretrain", "eval")
-USES = ("model", "task", "optim")
+USES = ("model", "task", "optim", "trainer")
+NEEDS_INPUT = False  # no input: the model group builds one from config
 
 
 def pack(tokenizer, texts: list[str], seq_len: int) -> Dataset:
@@ -126,7 +127,7 @@ def run(ctx) -> dict[str, float]:
         logging_steps=cfg.logging_steps,
         seed=ctx.cfg.seed,
         **trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir),
-        **trainer_kwargs(stage_optim(ctx.cfg, ctx.name), cfg.lr),
+        **trainer_kwargs(stage_optim(ctx.cfg, ctx.name), learning_rate(cfg)),
     )
     trainer = LMTrainer(
         model=model,
@@ -136,7 +137,7 @@ def run(ctx) -> dict[str, float]:
         data_collator=PackedBlocks(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[throughput, optimizer_state],
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(stage_optim(ctx.cfg, ctx.name), cfg.lr),
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(stage_optim(ctx.cfg, ctx.name), learning_rate(cfg)),
     )
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()

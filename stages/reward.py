@@ -20,26 +20,24 @@ from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from pipeline import distributed, preemption, trainer_settings
-from pipeline.adapters import build_peft_config, check_peft_config
-from pipeline.models import check_trainable_input, count_parameters, save_policy, set_router_aux_loss
-from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.adapters import build_peft_config
+from pipeline.models import count_parameters, save_policy, set_router_aux_loss
+from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.reward_model import score
+from pipeline.tokenizer import load_chat_tokenizer
 from pipeline.runner import ConfigError
 from pipeline.tasks import conversational_pairs
 
 SPLITS = ("preference",)
-USES = ("task", "optim", "peft")
+USES = ("task", "optim", "peft", "trainer")
+TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 PEFT_METHODS = ("none", "lora")
 
 
 def validate(cfg, input_path: Path | None) -> None:
     stage, peft_cfg = cfg.stages.reward, cfg.peft
-    try:
-        check_peft_config(peft_cfg)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
     if peft_cfg.method not in PEFT_METHODS:
         raise ConfigError(
             f"peft={peft_cfg.method} with stage reward: a reward model reads its score off the last token's hidden "
@@ -48,8 +46,6 @@ def validate(cfg, input_path: Path | None) -> None:
         )
     if stage.eval_pairs < 1:
         raise ConfigError(f"stages.reward.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the pairwise accuracy")
-    if input_path is not None:
-        check_trainable_input(input_path, "reward", bool(cfg.model.trust_remote_code))
 
 
 
@@ -67,11 +63,8 @@ def pairwise_scores(model, tokenizer, pairs: Dataset, batch_size: int) -> tuple[
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    if ctx.input_path is None:
-        raise ConfigError("reward needs an input checkpoint: set stages.reward.input_stage or stages.reward.init")
-    validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
-    tokenizer = check_trainable_input(ctx.input_path, "reward", trust)
+    tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     # the score head is new: seeded by RewardTrainer (set_seed(args.seed)) only for string models
     torch.manual_seed(ctx.cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -81,7 +74,7 @@ def run(ctx) -> dict[str, float]:
     model.config.pad_token_id = tokenizer.pad_token_id
     set_router_aux_loss(model, False)  # the sequence-classification head adds no aux loss
     train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
-    lr = cfg.lr if cfg.lr is not None else ctx.cfg.peft.get("lr")
+    lr = learning_rate(cfg, ctx.cfg.peft)
     args = RewardConfig(
         output_dir=str(ctx.stage_dir),
         max_steps=cfg.max_steps,

@@ -20,35 +20,32 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
 from pipeline import distributed, preemption, trainer_settings
-from pipeline.adapters import PROMPT_LEARNING, build_peft_config, check_peft_config
-from pipeline.evaluate import held_out_accuracy
+from pipeline.adapters import PROMPT_LEARNING, build_peft_config
+from pipeline.evaluate import EvalSettings, held_out_accuracy
 from pipeline.models import (
-    check_trainable_input, count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
+    count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
 )
-from pipeline.optim import optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tasks.base import as_turns
+from pipeline.tokenizer import load_chat_tokenizer
 from pipeline.runner import ConfigError
 
 SPLITS = ("sft",)
 OPTIONAL_SPLITS = ("eval",)  # held-out accuracy when the task has problems with answers; else eval_loss only
-USES = ("task", "optim", "peft")
+USES = ("task", "optim", "peft", "trainer")
+TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 
 
 def validate(cfg, input_path: Path | None) -> None:
     """Config and input errors, raised as ConfigError before any compute."""
     stage, peft_cfg = cfg.stages.sft, cfg.peft
-    try:
-        check_peft_config(peft_cfg)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
     if not 0.0 <= stage.pretrain_mix < 1.0:
         raise ConfigError(f"stages.sft.pretrain_mix={stage.pretrain_mix} must be in [0, 1)")
     if stage.eval_examples < 1:
@@ -58,8 +55,6 @@ def validate(cfg, input_path: Path | None) -> None:
             f"stages.sft.packing=true with peft={peft_cfg.method}: virtual tokens break the per-example attention "
             "of packed rows; set stages.sft.packing=false"
         )
-    if input_path is not None:
-        check_trainable_input(input_path, "sft", bool(cfg.model.trust_remote_code))
 
 
 
@@ -129,7 +124,7 @@ def build_datasets(tokenizer, task, stage_cfg, seed: int) -> tuple[Dataset, Data
 
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, shared: dict | None = None) -> SFTConfig:
     """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
-    lr = stage_cfg.lr if stage_cfg.lr is not None else peft_cfg.get("lr")
+    lr = learning_rate(stage_cfg, peft_cfg)
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=stage_cfg.max_steps,
@@ -180,11 +175,8 @@ def build_trainer(
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    if ctx.input_path is None:
-        raise ConfigError("sft needs an input checkpoint: set stages.sft.input_stage or stages.sft.init")
-    validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
-    tokenizer = check_trainable_input(ctx.input_path, "sft", trust)
+    tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     model = load_model(str(ctx.input_path.resolve()), trust, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
     # (resolved: the adapter records its base)
     peft_config = build_peft_config(ctx.cfg.peft, model)
@@ -198,7 +190,7 @@ def run(ctx) -> dict[str, float]:
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    accuracy = held_out_accuracy(model, tokenizer, ctx.task, cfg, ctx.cfg.seed,
+    accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.cfg.seed,
                                  trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name)
     log_history = trainer.state.log_history
     if distributed.is_main_process():

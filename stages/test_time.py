@@ -28,7 +28,7 @@ from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, TestTi
 from pipeline.tokenizer import load_chat_tokenizer
 
 SPLITS = ("eval",)
-USES = ("task",)
+USES = ("task", "trainer")
 WRITES_FINAL = False
 BEST_OF_N_REWARDS = ("reward_model",)  # the built-in best_of_n offers, beside the user's functions
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE")
@@ -132,9 +132,6 @@ def stop_if_preempted(run_dir: Path, method: str) -> None:
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    if ctx.input_path is None:
-        raise ConfigError("test_time needs an input checkpoint: set stages.test_time.input_stage or stages.test_time.init")
-    validate(ctx.cfg, ctx.input_path)  # again: an earlier stage of this run may have just written it
     trust = bool(ctx.cfg.model.trust_remote_code)
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     dtype = trainer_settings.forward_dtype(ctx.cfg, ctx.name)  # test_time only runs forward

@@ -8,15 +8,44 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+
+from pipeline.config import compose_config  # noqa: F401 (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+SLOW_FOLDERS = {"stages", "e2e", "distributed"}  # training runs through the entry point
+SLOW_CALLS = ("run_cli(", "run_accelerate(", "python_in_fresh_process(", "subprocess.")
 
-def compose_config(overrides: list[str] | None = None):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides or [])
+
+def is_slow(item) -> bool:
+    """A test that trains or runs the pipeline in a subprocess: under tests/stages, e2e or
+    distributed, reading a session smoke run, or calling the entry point itself."""
+    import inspect
+
+    if SLOW_FOLDERS & set(Path(str(item.fspath)).relative_to(ROOT / "tests").parts[:-1]):
+        return True
+    if any(name.startswith("smoke_") for name in getattr(item, "fixturenames", ())):
+        return True
+    try:
+        source = inspect.getsource(item.function)
+    except (OSError, TypeError, AttributeError):
+        return False
+    return any(call in source for call in SLOW_CALLS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tests (`-m "not slow"`: the quick tier) and leave the 2-process tests out
+    unless the marker expression names them (`-m distributed`)."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and is_slow(item):
+            item.add_marker(pytest.mark.slow)
+    if "distributed" not in (config.option.markexpr or ""):
+        deselected = [item for item in items if item.get_closest_marker("distributed") is not None]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if item.get_closest_marker("distributed") is None]
 
 
 def run_cli(*overrides: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:

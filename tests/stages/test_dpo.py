@@ -12,10 +12,10 @@ from datasets import Dataset
 from trl import DPOTrainer
 
 from pipeline.adapters import build_peft_config
-from pipeline.models import check_trainable_input, load_model
+from pipeline.models import load_model
 from pipeline.runner import ConfigError
 from pipeline.tasks import build_task, conversational_pairs
-from pipeline.tokenizer import train_tokenizer
+from pipeline.tokenizer import load_chat_tokenizer, train_tokenizer
 from stages import dpo
 from tests.conftest import compose_config
 
@@ -48,7 +48,7 @@ def trainable_split(model) -> tuple[dict, dict]:
 def test_policy_trains_and_reference_stays(smoke_chain_run, tmp_path, method):
     sft_final = smoke_chain_run / "sft" / "final"
     cfg = compose_config(["preset=smoke", f"peft={method}", "stages.dpo.max_steps=3", "stages.dpo.lr=1e-2"])
-    tokenizer = check_trainable_input(sft_final, "dpo")
+    tokenizer = load_chat_tokenizer(sft_final)
     model = load_model(str(sft_final))
     train, held_out = conversational_pairs(build_task(cfg.task).preference_pairs(), 16)
     args = dpo.training_args(cfg.stages.dpo, cfg.optim, cfg.peft, tmp_path, seed=0)
@@ -162,7 +162,7 @@ def test_step_level_rows_reach_the_trainer_without_a_stop_token_after_the_line(s
     to stop there, so the stage removes it (and only it) from the tokenized rows."""
     sft_final = smoke_chain_run / "sft" / "final"
     cfg = compose_config(["preset=smoke", "stages.dpo.max_steps=1"])
-    tokenizer = check_trainable_input(sft_final, "dpo")
+    tokenizer = load_chat_tokenizer(sft_final)
     pairs = [
         {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=47\n47-5=42\nA: 42"},
         {"prompt": "12+34-5=?", "chosen": "12+34=46\n46-5=41\nA: 41", "rejected": "12+34=46\n46-5=41\nA: 4"},

@@ -3,6 +3,7 @@ point, and (in process, from that chain's sft final/) that training moves the po
 the reference alone, for full fine-tuning and LoRA; the reward-model reward; resume."""
 
 import json
+from types import SimpleNamespace
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from pipeline.models import load_model, save_policy
 from pipeline.tasks import build_task
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
 from pipeline.errors import ConfigError
-from stages.grpo import CURVE_FILE, FILTER_FILE, build_dataset, build_trainer, selected_prompts, training_args
+from pipeline.pass_rate_curve import CURVE_FILE
+from pipeline.prompt_filter import FILTER_FILE
+from stages.grpo import build_dataset, build_trainer, training_args, training_prompts
 from tests.conftest import compose_config, run_cli
 
 EXPECTED_METRICS = {
@@ -190,7 +193,10 @@ def test_prompt_filter_drops_the_prompts_the_policy_always_solves(chain, tmp_pat
     task = EasyHalf(build_task(cfg.task))
     sft_final = chain / "sft" / "final"
     tokenizer = load_chat_tokenizer(sft_final)
-    data, metrics = selected_prompts(load_model(str(sft_final)), tokenizer, task, cfg.stages.grpo, cfg.seed, tmp_path)
+    def ctx(config):
+        return SimpleNamespace(cfg=config, stage_cfg=config.stages.grpo, task=task, stage_dir=tmp_path)
+
+    data, metrics = training_prompts(load_model(str(sft_final)), tokenizer, ctx(cfg))
     expected = [p["answer"] for p in task.prompts if p["answer"] not in task.easy]
     assert data["answer"] == expected and len(expected) >= 5
     assert data[0]["prompt"] == [{"role": "user", "content": task.prompts[1]["prompt"]}]
@@ -201,12 +207,12 @@ def test_prompt_filter_drops_the_prompts_the_policy_always_solves(chain, tmp_pat
 
     # a resumed run reads the saved rates (here: made-up ones) instead of sampling again
     (tmp_path / FILTER_FILE).write_text(json.dumps([0.5] * 11 + [1.0]))
-    again, _ = selected_prompts(None, tokenizer, task, cfg.stages.grpo, cfg.seed, tmp_path)
+    again, _ = training_prompts(None, tokenizer, ctx(cfg))
     assert again["answer"] == [p["answer"] for p in task.prompts[:11]]
     # too few prompts left for one step (8 completions / 4 per group = 2 prompts): a clear error
     (tmp_path / FILTER_FILE).write_text(json.dumps([1.0] * 11 + [0.0]))
     with pytest.raises(ConfigError, match=r"kept 1 of 12 RL prompts .* fewer than the 2 one step takes"):
-        selected_prompts(None, tokenizer, task, cfg.stages.grpo, cfg.seed, tmp_path)
+        training_prompts(None, tokenizer, ctx(cfg))
     # without the filter every prompt trains
-    plain, none = selected_prompts(None, tokenizer, task, compose_config(["preset=smoke"]).stages.grpo, cfg.seed, tmp_path)
+    plain, none = training_prompts(None, tokenizer, ctx(compose_config(["preset=smoke"])))
     assert len(plain) == 12 and none == {}

@@ -12,9 +12,8 @@ from pipeline.models import build_model, restrict_trainable
 from pipeline.tasks import build_task
 from pipeline.tokenizer import train_tokenizer
 from pipeline.runner import ConfigError
-from stages.grpo import (
-    StageGRPOTrainer, build_dataset, training_args, zero_variance_weights,
-)
+from pipeline.grpo_trainer import StageGRPOTrainer, zero_variance_weights
+from stages.grpo import build_dataset, training_args
 from pipeline.rewards import format_reward, verifier_reward
 from tests.conftest import compose_config
 

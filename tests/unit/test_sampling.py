@@ -207,8 +207,7 @@ def test_evaluate_policy_averages_eval_samples_per_problem(monkeypatch):
 
     monkeypatch.setattr(ev, "evaluate", fake_evaluate)
     task = SimpleNamespace(eval_problems=lambda: [{"prompt": "1+1=?", "answer": "2"}] * 10)
-    stage = SimpleNamespace(eval_problems=10, max_new_tokens=8, eval_batch_size=5, eval_samples=4)
-    stage.get = lambda key, default=None: getattr(stage, key, default)
-    metrics = ev.evaluate_policy(None, None, task, stage, seed=0)
+    metrics = ev.evaluate_policy(None, None, task, ev.EvalSettings(problems=10, samples=4, max_new_tokens=8, batch_size=5),
+                                 seed=0)
     assert calls == [(0.0, 1), (1.0, 4)]
     assert metrics["eval_samples"] == 4 and metrics["eval_accuracy_sampled"] == 0.5
