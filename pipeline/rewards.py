@@ -93,12 +93,15 @@ def scorer_reward(scorer: RewardScorer) -> Callable[..., list[float]]:
 # --------------------------------------------------------------------------- functions by import path
 
 
-def load(path: str, key: str) -> Callable:
-    """The callable `path` names (package.module:function or package.module.function);
-    ConfigError naming `key`, the path and what is wrong."""
+def split_path(path: str) -> tuple[str, str]:
+    """(module, attribute) of package.module:function or package.module.function."""
     module_name, sep, attribute = path.partition(":")
-    if not sep:
-        module_name, _, attribute = path.rpartition(".")
+    return (module_name, attribute) if sep else path.rpartition(".")[::2]
+
+
+def load(path: str, key: str) -> Callable:
+    """The callable `path` names; ConfigError naming `key`, the path and what is wrong."""
+    module_name, attribute = split_path(path)
     if not module_name or not attribute:
         raise ConfigError(f"{key}={path!r}: not an import path; write package.module:function")
     try:
@@ -118,9 +121,8 @@ def load(path: str, key: str) -> Callable:
 def source_fingerprint(path: str) -> str:
     """A fingerprint of the file that defines the module of `path`, so that an edited reward
     function reruns the stage; "unknown" when it has no file."""
-    module_name = path.partition(":")[0] if ":" in path else path.rpartition(".")[0]
     try:
-        spec = importlib.util.find_spec(module_name)
+        spec = importlib.util.find_spec(split_path(path)[0])
     except (ImportError, ValueError):
         return "unknown"
     origin = spec.origin if spec is not None else None
@@ -171,10 +173,12 @@ def check(stage_cfg, stage: str, run_stages: list[str], run_dir: Path, builtins:
     built-ins this stage offers; `why_not`: why the others are not offered."""
     key = f"stages.{stage}"
     weights, user = dict(stage_cfg.reward_weights), user_functions(stage_cfg)
-    for name in set(user) & set(BUILTINS):
-        raise ConfigError(f"{key}.reward_functions.{name}: {name} is a built-in reward; choose another name")
-    unknown = {name for name in weights if name not in user and name not in builtins and float(weights[name]) != 0.0}
-    unknown |= set(weights) - set(BUILTINS) - set(user)
+    clash = sorted(set(user) & set(BUILTINS))
+    if clash:
+        raise ConfigError(f"{key}.reward_functions.{clash[0]}: {clash[0]} is a built-in reward; choose another name")
+    # neither yours nor a built-in; or a built-in this stage does not offer, given a weight
+    unknown = {name for name, weight in weights.items()
+               if name not in user and (name not in BUILTINS or (name not in builtins and float(weight) != 0.0))}
     if unknown:
         raise ConfigError(f"{key}.reward_weights has unknown rewards {sorted(unknown)}; valid: "
                           f"{', '.join([*builtins, *user])} (a function of your own: add it to {key}.reward_functions "
@@ -214,10 +218,12 @@ def check_reward_model(stage_cfg, stage: str, run_stages: list[str], run_dir: Pa
                           f"stages.{stage}.reward_weights.reward_model=0")
 
 
-def fingerprint(stage_cfg, run_dir: Path, planned: dict[str, str], completed_hash) -> str | None:
+def fingerprint(stage_cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     """Part of the stage's config hash: the source files of the user's reward functions (an
     edited one reruns the stage) and the reward model's identity (its files, or the config hash
-    of this run's reward stage: `planned` in this invocation, else `completed_hash(stage)`)."""
+    of this run's reward stage: `planned` in this invocation, else its completed manifest's)."""
+    from pipeline.runner import completed_manifest  # the runner imports the stages, which import this module
+
     weighted, user = active(stage_cfg), user_functions(stage_cfg)
     parts = [f"{name}:{source_fingerprint(user[name])}" for name in sorted(weighted) if name in user]
     if "reward_model" in weighted:
@@ -225,8 +231,8 @@ def fingerprint(stage_cfg, run_dir: Path, planned: dict[str, str], completed_has
             parts.append(f"content:{artifacts.fingerprint(reward_model_path(stage_cfg, run_dir))}")
         elif REWARD_STAGE in planned:
             parts.append(f"reward:{planned[REWARD_STAGE]}")
-        elif completed_hash(REWARD_STAGE):
-            parts.append(f"reward:{completed_hash(REWARD_STAGE)}")
+        elif manifest := completed_manifest(run_dir, REWARD_STAGE):
+            parts.append(f"reward:{manifest['config_hash']}")
     return "|".join(parts) or None
 
 

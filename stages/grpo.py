@@ -37,7 +37,7 @@ from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim,
 from pipeline.grpo_trainer import StageGRPOTrainer, training_metrics
 from pipeline.pass_rate_curve import CURVE_FILE, PassRateCurve, scaling_metrics
 from pipeline.prompt_filter import FILTER_FILE, prompt_pass_rates, selected_prompts
-from pipeline.runner import ConfigError, completed_manifest
+from pipeline.runner import ConfigError
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
 
@@ -109,8 +109,7 @@ def check_rewards(cfg) -> None:
 
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     """Part of the config hash: the user's reward function sources and the reward model's identity."""
-    return rewards.fingerprint(cfg.stages.grpo, run_dir, planned,
-                               lambda stage: (completed_manifest(run_dir, stage) or {}).get("config_hash"))
+    return rewards.fingerprint(cfg.stages.grpo, run_dir, planned)
 
 
 def check_data(cfg, task) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline import artifacts, distributed, preemption, rewards, trainer_settings
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
-from pipeline.runner import ConfigError, completed_manifest, log
+from pipeline.runner import ConfigError, log
 from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, TestTimeSettings, run_method
 from pipeline.tokenizer import load_chat_tokenizer
 
@@ -77,8 +77,7 @@ def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     reward model's identity (a new reward model in the run reruns test_time)."""
     if "best_of_n" not in cfg.stages.test_time.methods:
         return None
-    return rewards.fingerprint(cfg.stages.test_time, run_dir, planned,
-                               lambda stage: (completed_manifest(run_dir, stage) or {}).get("config_hash"))
+    return rewards.fingerprint(cfg.stages.test_time, run_dir, planned)
 
 
 def settings_from(stage_cfg, seed: int) -> TestTimeSettings:
