@@ -325,3 +325,11 @@ def fingerprint(path: Path, sample_bytes: int = 1 << 20) -> str:
                 f.seek(offset)
                 digest.update(f.read(sample_bytes))
     return digest.hexdigest()[:16]
+
+
+def completed_manifest(run_dir: Path, stage: str) -> dict | None:
+    """The manifest of a completed stage in run_dir whose final/ is there, else None."""
+    manifest = read_manifest(run_dir / stage)
+    if manifest and manifest.get("status") == "completed" and is_hf_checkpoint(run_dir / stage / FINAL):
+        return manifest
+    return None

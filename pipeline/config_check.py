@@ -1,5 +1,5 @@
 """Types and ranges of the composed config, and the model files it points at, checked before any
-compute: `check_config(cfg)` raises ConfigError (exit 2) naming the full key and what it must be.
+compute: `check_config(cfg, stages)` raises ConfigError (exit 2) naming the full key and what it must be.
 
 One table, RULES, says what each key may hold, by key name; a "<stage>.<key>" entry wins over
 the plain "<key>" one for that stage. Only the stages in run.stages are checked, so a key of a
@@ -16,20 +16,20 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline import artifacts
+from pipeline import artifacts, trainer_settings
 from pipeline.errors import ConfigError
+from pipeline.stage import GROUPS, Stage
 
 SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers.set_seed feeds
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
               "warmup_stable_decay")
-# the stages that train the model they start from (test_time only evaluates, and accepts adapters)
-TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo")
 
 
 @dataclass(frozen=True)
@@ -192,35 +192,42 @@ def rule_for(group: str, key: str) -> Rule | None:
     return RULES.get(f"{group}.{key}" if group else key)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first value of the wrong type or out of range, or model file that
-    cannot load: the run's stages, the groups, then the weights model.path and stages.*.init name."""
+def check_run(cfg: DictConfig) -> None:
+    """seed and the run group: before the stages they name are looked up."""
     check_node(cfg, "", ["seed"])
     check_node(cfg.run, "run")
-    stages = [s for s in cfg.run.stages if isinstance(s, str) and s in cfg.stages]
-    for name in stages:
+
+
+def check_config(cfg: DictConfig, stages: Sequence[Stage] | None = None) -> None:
+    """Raise ConfigError on the first value of the wrong type or out of range, or model file that
+    cannot load: the run's stages, the groups, then the weights model.path and stages.*.init name.
+    What a stage is (it trains; it runs models under the trainer group) is read from its
+    contract (pipeline/stage.py), so a user's stage is checked as a built-in one is. stages=None
+    (the config rules alone, without the recipes): every stage of run.stages counts as training."""
+    check_run(cfg)
+    if stages is None:
+        stages = [Stage(name=str(s), run=lambda ctx: {}, splits=(), uses=GROUPS)
+                  for s in cfg.run.stages if isinstance(s, str) and s in cfg.stages]
+    names = [stage.name for stage in stages]
+    for name in names:
         check_node(cfg.stages[name], f"stages.{name}")
     for group in ("model", "optim", "peft", "task", "trainer"):
         check_node(cfg[group], group)
     if cfg.task.get("name") == "arithmetic" and cfg.task.min_operands > cfg.task.max_operands:
         raise ConfigError(f"task.min_operands={cfg.task.min_operands} is above task.max_operands="
                           f"{cfg.task.max_operands}; set min_operands <= max_operands")
-    if any(s in TRAINING_STAGES for s in stages):
+    if any(stage.trains for stage in stages):
         check_optimizer_launch(cfg.optim)
-    for stage in stages:
+    for name in names:
         for group in ("optim", "trainer"):
-            if cfg.stages[stage].get(group):
-                check_stage_group(cfg, stage, group)
-    from pipeline import trainer_settings
-
-    trainer_settings.check(cfg, [s for s in stages if s in TRAINING_STAGES])
+            if cfg.stages[name].get(group):
+                check_stage_group(cfg, name, group)
+    trainer_settings.check(cfg, [s.name for s in stages if s.runs_models], trains=[s.name for s in stages if s.trains])
     check_model_files(cfg, stages)
 
 
 def check_stage_group(cfg: DictConfig, stage: str, group: str) -> None:
     """stages.<stage>.<group>: a mapping of the group's keys, checked merged over the group."""
-    from pipeline.trainer_settings import stage_group
-
     override = cfg.stages[stage][group]
     key = f"stages.{stage}.{group}"
     example = "{name: muon, max_grad_norm: 0}" if group == "optim" else "{precision: fp32}"
@@ -231,7 +238,7 @@ def check_stage_group(cfg: DictConfig, stage: str, group: str) -> None:
     unknown = sorted(set(override) - set(valid))
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]}: not a key of the {group} group; valid: {', '.join(valid)}")
-    merged = stage_group(cfg, group, stage)
+    merged = trainer_settings.stage_group(cfg, group, stage)
     check_node(merged, group)
     if group == "optim":
         try:
@@ -281,16 +288,16 @@ def check_optimizer_launch(optim_cfg) -> None:
 
 # ----------------------------------------------------------------------------- model files
 
-def check_model_files(cfg: DictConfig, stages: list[str]) -> None:
+def check_model_files(cfg: DictConfig, stages: Sequence[Stage]) -> None:
     """The weights of every model directory this run loads from the config (model.path for a
     stage built from the model group, stages.<name>.init) are there and not truncated; a stage
     that trains a model is not pointed at a PEFT adapter (sft and later say so themselves)."""
-    for name in stages:
-        stage_cfg = cfg.stages[name]
+    for stage in stages:
+        stage_cfg = cfg.stages[stage.name]
         if stage_cfg.get("init"):
-            check_model_dir(Path(str(stage_cfg.init)).expanduser(), f"stages.{name}.init", name)
+            check_model_dir(Path(str(stage_cfg.init)).expanduser(), f"stages.{stage.name}.init", stage)
         elif reads_model_group(stage_cfg) and not OmegaConf.is_missing(cfg.model, "path") and cfg.model.get("path"):
-            check_model_dir(Path(str(cfg.model.path)).expanduser(), "model.path", name)
+            check_model_dir(Path(str(cfg.model.path)).expanduser(), "model.path", stage)
 
 
 def reads_model_group(stage_cfg) -> bool:
@@ -299,13 +306,13 @@ def reads_model_group(stage_cfg) -> bool:
     return not value or value == "model" or (not isinstance(value, str) and "model" in list(value))
 
 
-def check_model_dir(path: Path, key: str, stage: str) -> None:
+def check_model_dir(path: Path, key: str, stage: Stage) -> None:
     if not path.is_dir():
         return  # the runner reports a missing directory, naming the key
     if (path / "adapter_config.json").is_file():
-        if stage == "pretrain":
+        if stage.trains and not stage.trains_input:  # a stage that trains its input (sft, ...) says so itself
             raise ConfigError(
-                f"{key}={path} is a PEFT adapter (adapter_config.json), not a model; pretrain trains a whole model. "
+                f"{key}={path} is a PEFT adapter (adapter_config.json), not a model; {stage.name} trains a whole model. "
                 "Point it at a plain checkpoint: the adapter's base model, the base/ inside a prefix/prompt final/, "
                 "or a LoRA run's merged final/"
             )

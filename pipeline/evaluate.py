@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, set_seed
 
+from pipeline.log import log
 from pipeline.models import router_logits_off
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import stop_token_ids
@@ -182,8 +183,6 @@ def held_out_accuracy(model, tokenizer, task, settings: EvalSettings, seed: int,
     """evaluate_policy under `autocast` (the stage's precision) when the task has eval problems
     with answers; else {} and a line saying so (a chat or preference set has none)."""
     if not task.has_split("eval"):
-        from pipeline.runner import log  # the runner imports the stages, which import this module
-
         log(f"stage {stage}: the task has no eval split (problems with answers): no answer accuracy")
         return {}
     with autocast:

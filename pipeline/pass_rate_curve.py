@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from pipeline import artifacts, distributed
-from pipeline.runner import log
+from pipeline.log import log
 from pipeline.scaling import fit_scaling, plot_scaling
 
 CURVE_FILE = "pass_rate_curve.jsonl"

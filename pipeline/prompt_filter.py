@@ -16,7 +16,7 @@ from transformers import set_seed
 from pipeline import artifacts, distributed
 from pipeline.errors import ConfigError
 from pipeline.evaluate import evaluate
-from pipeline.runner import log
+from pipeline.log import log
 
 FILTER_FILE = "prompt_pass_rates.json"
 

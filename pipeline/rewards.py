@@ -222,8 +222,6 @@ def fingerprint(stage_cfg, run_dir: Path, planned: dict[str, str]) -> str | None
     """Part of the stage's config hash: the source files of the user's reward functions (an
     edited one reruns the stage) and the reward model's identity (its files, or the config hash
     of this run's reward stage: `planned` in this invocation, else its completed manifest's)."""
-    from pipeline.runner import completed_manifest  # the runner imports the stages, which import this module
-
     weighted, user = active(stage_cfg), user_functions(stage_cfg)
     parts = [f"{name}:{source_fingerprint(user[name])}" for name in sorted(weighted) if name in user]
     if "reward_model" in weighted:
@@ -231,7 +229,7 @@ def fingerprint(stage_cfg, run_dir: Path, planned: dict[str, str]) -> str | None
             parts.append(f"content:{artifacts.fingerprint(reward_model_path(stage_cfg, run_dir))}")
         elif REWARD_STAGE in planned:
             parts.append(f"reward:{planned[REWARD_STAGE]}")
-        elif manifest := completed_manifest(run_dir, REWARD_STAGE):
+        elif manifest := artifacts.completed_manifest(run_dir, REWARD_STAGE):
             parts.append(f"reward:{manifest['config_hash']}")
     return "|".join(parts) or None
 

@@ -1,29 +1,11 @@
 """The orchestrator: walks run.stages, resolves each stage's input, skips finished stages,
 resumes interrupted ones, and writes manifests, metrics and the report.
 
-A stage recipe is the module `stages.<name>` with:
-    SPLITS  task splits it reads (checked before any compute starts)
-    OPTIONAL_SPLITS  optional: splits it reads when the task has them (e.g. sft's eval)
-    USES    top-level config groups that change its result (part of its config hash); with
-                peft in it the runner checks the peft group before any stage runs
-    NEEDS_INPUT  optional, default True: the stage starts from a checkpoint (`init`, or the
-                final/ of an `input_stage` candidate); False: it may start without (pretrain)
-    TRAINS_INPUT  optional, default False: the runner checks that the input is a trainable
-                model (not a saved adapter) with a chat-template tokenizer
-    run(ctx: StageContext) -> dict[str, float]   trains, saves final/, returns metrics
-    validate(cfg, input_path) -> None   optional: cheap checks of the stage's config and of an
-                existing input checkpoint, raising ConfigError. The runner calls it before any
-                stage runs (input_path None when the input is still to be written by an earlier
-                stage of this run) and again just before run(), when the input exists
-    WRITES_FINAL  optional, default True; False for a stage that only evaluates (no final/):
-                it counts as completed from its manifest alone
-    extra_inputs(cfg, run_dir, planned) -> str | None   optional: a fingerprint of inputs other
-                than its input checkpoint (e.g. test_time's reward model), part of its config hash
-    check_data(cfg, task) -> None   optional: checks of the config against the task's data (e.g.
-                grpo's verifier reward needs the rl split's answer column), after the task has
-                read its splits and before any stage runs
-Its config lives at conf/stages/<name>.yaml; `init` sets its input checkpoint explicitly and
-`input_stage` names the stage whose final/ it starts from by default, or lists candidates in
+A stage is its recipe module, `stages.<name>` or `<package>.<name>` for a package in
+run.stage_packages, read into the typed contract of pipeline/stage.py (what it reads, whether it
+needs, trains or writes a model, its checks and run). Its config lives at
+conf/stages/<name>.yaml (or <package>/<name>.yaml); `init` sets its input checkpoint explicitly
+and `input_stage` names the stage whose final/ it starts from by default, or lists candidates in
 order of preference (e.g. [grpo, dpo, sft, pretrain]): the first one planned earlier in this
 invocation, else the first one completed in the run dir. The candidate `model` is the model
 group's checkpoint (model.path): a pretrained model starts sft (or grpo, ...) when no earlier
@@ -37,7 +19,7 @@ import importlib
 import pkgutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -45,10 +27,12 @@ from transformers import set_seed
 
 from pipeline import artifacts, distributed, hub, lock, preemption
 from pipeline.adapters import check_peft_config
-from pipeline.config_check import check_config
-from pipeline.errors import ConfigError  # noqa: F401 (re-exported: stages import it from here)
+from pipeline.config_check import check_config, check_run
+from pipeline.errors import ConfigError
+from pipeline.log import log
 from pipeline.models import check_trainable_input
 from pipeline.report import write_report
+from pipeline.stage import Stage, StageContext
 from pipeline.tasks import Task, build_task
 
 # the canonical chain; the report lists stages in this order
@@ -57,36 +41,12 @@ MODEL_INPUT = "model"  # an input_stage candidate: the model group's checkpoint
 
 
 @dataclass
-class StageContext:
-    name: str
-    cfg: DictConfig  # the whole composed config, read-only
-    stage_cfg: DictConfig
-    run_dir: Path
-    stage_dir: Path
-    input_path: Path | None  # checkpoint to start from; None = build from `model`
-    resume_checkpoint: Path | None  # checkpoint-N of this stage to resume from
-    task: Task
-    # facts every training stage shares, recorded by preemption.train (e.g. the trainer's mixed
-    # precision); the runner adds them to the stage's metrics
-    shared_metrics: dict = field(default_factory=dict)
-
-
-@dataclass
 class StagePlan:
     name: str
-    module: object
+    stage: Stage
     input_path: Path | None
     input_fingerprint: str | None
     config_hash: str
-
-
-def log(message: str, every_rank: bool = False) -> None:
-    """A line on the main process; with every_rank, one per rank, tagged with the rank."""
-    if every_rank and distributed.world_size() > 1:
-        state = distributed.state()
-        print(f"[pipeline rank {state.process_index}/{state.num_processes}] {message}", flush=True)
-    elif distributed.is_main_process():
-        print(f"[pipeline] {message}", flush=True)
 
 
 def recipe_packages(cfg: DictConfig) -> list[str]:
@@ -143,23 +103,22 @@ def load_stage_module(name: str, cfg: DictConfig):
                       "run.stage_packages package)")
 
 
-def stage_splits(module, task: Task | None = None) -> tuple[str, ...]:
-    """The task splits a stage reads: SPLITS, and OPTIONAL_SPLITS the task has (all, without a task)."""
-    optional = getattr(module, "OPTIONAL_SPLITS", ())
-    return tuple(module.SPLITS) + tuple(s for s in optional if task is None or task.has_split(s))
+def load_stage(name: str, cfg: DictConfig) -> Stage:
+    """The typed contract of stage `name` (pipeline/stage.py), from its recipe module."""
+    return Stage.of(name, load_stage_module(name, cfg))
 
 
 # keys of a group that cannot change what a stage computes: left out of its config hash
 NOT_RESULTS = {"trainer": ("report_to",), "model": ("trust_remote_code",)}
 
 
-def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None, extra: str | None = None) -> str:
+def stage_hash(cfg: DictConfig, stage: Stage, input_fingerprint: str | None, extra: str | None = None) -> str:
     payload = {group: {k: v for k, v in OmegaConf.to_container(cfg[group], resolve=True).items()
-                       if k not in NOT_RESULTS.get(group, ())} for group in module.USES}
-    payload["stage"] = OmegaConf.to_container(cfg.stages[name], resolve=True)
+                       if k not in NOT_RESULTS.get(group, ())} for group in stage.uses}
+    payload["stage"] = OmegaConf.to_container(cfg.stages[stage.name], resolve=True)
     payload["seed"] = cfg.seed
     payload["input"] = input_fingerprint
-    payload["data"] = data_fingerprints(cfg.task, stage_splits(module))
+    payload["data"] = data_fingerprints(cfg.task, stage.splits_read())
     if extra is not None:
         payload["extra_inputs"] = extra
     return artifacts.config_hash(payload)
@@ -167,37 +126,42 @@ def stage_hash(cfg: DictConfig, name: str, module, input_fingerprint: str | None
 
 def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
     """Check every stage and its input before anything runs; raise ConfigError on bad input."""
-    check_config(cfg)  # types and ranges of every key, model files: before anything reads them
+    check_run(cfg)
     names = list(cfg.run.stages)
     if not names:
         raise ConfigError("run.stages is empty; e.g. run.stages=[pretrain]")
     if len(set(names)) != len(names):
         raise ConfigError(f"run.stages lists a stage twice: {names}")
+    stages = [load_stage(name, cfg) for name in names]
+    check_config(cfg, stages)  # types and ranges of every key, model files: before anything reads them
     plans: list[StagePlan] = []
     hashes: dict[str, str] = {}  # stage -> config hash, for stages planned in this invocation
-    for name in names:
-        module = load_stage_module(name, cfg)
-        stage_cfg = cfg.stages[name]
+    for stage in stages:
+        name, stage_cfg = stage.name, cfg.stages[stage.name]
         input_path, fingerprint = resolve_input(cfg, name, stage_cfg, run_dir, hashes)
-        if input_path is None and getattr(module, "NEEDS_INPUT", True):
+        if input_path is None and stage.needs_input:
             raise ConfigError(f"stage {name!r} needs an input checkpoint: set stages.{name}.input_stage or stages.{name}.init")
-        if "peft" in module.USES:
+        if "peft" in stage.uses:
             check_peft_config(cfg.peft)
-        pending = not stage_cfg.get("init") and upstream_stage(stage_cfg, run_dir, hashes) in hashes
-        check_stage(cfg, name, module, None if pending else input_path)
-        extra = module.extra_inputs(cfg, run_dir, hashes) if hasattr(module, "extra_inputs") else None
-        config_hash = stage_hash(cfg, name, module, fingerprint, extra)
+        check_stage(cfg, stage, None if pending_input(stage_cfg, run_dir, hashes) else input_path)
+        extra = stage.extra_inputs(cfg, run_dir, hashes) if stage.extra_inputs else None
+        config_hash = stage_hash(cfg, stage, fingerprint, extra)
         hashes[name] = config_hash
-        plans.append(StagePlan(name, module, input_path, fingerprint, config_hash))
+        plans.append(StagePlan(name, stage, input_path, fingerprint, config_hash))
     return plans
 
 
-def check_stage(cfg: DictConfig, name: str, module, input_path: Path | None) -> None:
+def pending_input(stage_cfg, run_dir: Path, planned: dict[str, str]) -> bool:
+    """The stage's input is the final/ of a stage planned earlier in this invocation (not there yet)."""
+    return not stage_cfg.get("init") and upstream_stage(stage_cfg, run_dir, planned) in planned
+
+
+def check_stage(cfg: DictConfig, stage: Stage, input_path: Path | None) -> None:
     """The recipe's validate() and, for a stage that trains its input, the input's check."""
-    if input_path is not None and getattr(module, "TRAINS_INPUT", False):
-        check_trainable_input(input_path, name, bool(cfg.model.trust_remote_code))
-    if hasattr(module, "validate"):
-        module.validate(cfg, input_path)
+    if input_path is not None and stage.trains_input:
+        check_trainable_input(input_path, stage.name, bool(cfg.model.trust_remote_code))
+    if stage.validate is not None:
+        stage.validate(cfg, input_path)
 
 
 def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) -> tuple[Path | None, str | None]:
@@ -224,7 +188,7 @@ def resolve_input(cfg, name, stage_cfg, run_dir: Path, planned: dict[str, str]) 
     final = run_dir / upstream / artifacts.FINAL
     if upstream in planned:
         return final, planned[upstream]
-    manifest = completed_manifest(run_dir, upstream)
+    manifest = artifacts.completed_manifest(run_dir, upstream)
     if manifest:
         return final, manifest["config_hash"]
     candidates = input_candidates(stage_cfg)
@@ -249,20 +213,12 @@ def input_candidates(stage_cfg) -> list[str]:
     return [str(value)] if isinstance(value, str) else [str(v) for v in value]
 
 
-def completed_manifest(run_dir: Path, stage: str) -> dict | None:
-    """The manifest of a completed stage in run_dir whose final/ is there, else None."""
-    manifest = artifacts.read_manifest(run_dir / stage)
-    if manifest and manifest.get("status") == "completed" and artifacts.is_hf_checkpoint(run_dir / stage / artifacts.FINAL):
-        return manifest
-    return None
-
-
 def upstream_stage(stage_cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     """The stage whose final/ is the input (None: the `model` group): the first candidate
     planned earlier in this invocation, else the first one completed in run_dir, else the first
     candidate (which resolve_input then reports as missing)."""
     candidates = input_candidates(stage_cfg)
-    for found in (lambda c: c in planned, lambda c: completed_manifest(run_dir, c) is not None):
+    for found in (lambda c: c in planned, lambda c: artifacts.completed_manifest(run_dir, c) is not None):
         for candidate in candidates:
             if candidate != MODEL_INPUT and found(candidate):
                 return candidate
@@ -302,8 +258,7 @@ def prepare_stage_dir(plan: StagePlan, stage_dir: Path, force: bool) -> tuple[st
         return "start", None
     if manifest.get("config_hash") != plan.config_hash:
         return "replace", None
-    writes_final = getattr(plan.module, "WRITES_FINAL", True)
-    has_final = artifacts.is_hf_checkpoint(stage_dir / artifacts.FINAL) or not writes_final
+    has_final = artifacts.is_hf_checkpoint(stage_dir / artifacts.FINAL) or not plan.stage.writes_final
     completed = manifest.get("status") == "completed" and has_final
     if completed:
         return ("replace", None) if force else ("skip", None)
@@ -327,12 +282,14 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
     try:
         try:
             task = build_task(cfg.task)
-            task.validate(sorted({split for plan in plans for split in stage_splits(plan.module, task)}))
+            task.validate(sorted({split for plan in plans for split in plan.stage.splits_read(task)}))
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from err
+        planned: dict[str, str] = {}
         for plan in plans:
-            if hasattr(plan.module, "check_data"):
-                plan.module.check_data(cfg, task)
+            pending = pending_input(cfg.stages[plan.name], run_dir, planned)
+            plan.stage.check(cfg, task, None if pending else plan.input_path)
+            planned[plan.name] = plan.config_hash
 
         if distributed.is_main_process():
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +316,8 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
         return artifacts.read_metrics(stage_dir) or {}
     if action == "finish":
         return finish_committed_stage(plan, run_dir, list(cfg.run.stages))
-    check_stage(cfg, plan.name, plan.module, plan.input_path)  # again: an earlier stage may have just written the input
+    check_stage(cfg, plan.stage, plan.input_path)  # again: an earlier stage may have just written the input
+    plan.stage.check(cfg, task, plan.input_path)
     if distributed.is_main_process():
         if action == "replace":
             moved = artifacts.archive_stage_dir(stage_dir, "superseded")
@@ -392,7 +350,7 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
     # (reward) and data order then depend on `seed` alone, so a rerun reproduces its numbers.
     set_seed(int(cfg.seed))
     try:
-        metrics = {**plan.module.run(ctx), **ctx.shared_metrics}
+        metrics = {**plan.stage.run(ctx), **ctx.shared_metrics}
         wall = time.perf_counter() - start
         if distributed.is_main_process():
             # final/ (with its metrics) first, then metrics.json, then the manifest: a kill between

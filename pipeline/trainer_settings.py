@@ -152,8 +152,11 @@ def arguments(cfg, stage: str, stage_dir: Path) -> dict:
     )
 
 
-def check(cfg, stages: list[str]) -> None:
-    """ConfigError, naming the key and the fix, for a setting that cannot run here."""
+def check(cfg, stages: list[str], trains: list[str] | None = None) -> None:
+    """ConfigError, naming the key and the fix, for a setting that cannot run here: for every
+    stage that runs models under the trainer group, and the trackers of those that train
+    (`trains`; all of `stages` when None)."""
+    trains = stages if trains is None else trains
     for stage in stages:
         s = settings(cfg, stage)
         key = f"stages.{stage}.trainer" if cfg.stages[stage].get("trainer") else "trainer"
@@ -173,7 +176,7 @@ def check(cfg, stages: list[str]) -> None:
             if importlib.util.find_spec(module) is None:
                 raise ConfigError(f"{key}.attn_implementation={attention} needs the {package} package "
                                   f"(pip install {package}); or use sdpa")
-        for name in report_to(cfg, stage):
+        for name in report_to(cfg, stage) if stage in trains else ():
             if name not in TRACKERS:
                 raise ConfigError(f"{key}.report_to={name}: must be none or any of {', '.join(TRACKERS)}")
             if importlib.util.find_spec(name) is None:

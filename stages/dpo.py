@@ -33,7 +33,8 @@ from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim,
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tokenizer import load_chat_tokenizer
-from pipeline.runner import ConfigError, log
+from pipeline.errors import ConfigError
+from pipeline.log import log
 from pipeline.tasks import conversational_pairs
 
 SPLITS = ("preference",)

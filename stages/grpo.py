@@ -37,7 +37,7 @@ from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim,
 from pipeline.grpo_trainer import StageGRPOTrainer, training_metrics
 from pipeline.pass_rate_curve import CURVE_FILE, PassRateCurve, scaling_metrics
 from pipeline.prompt_filter import FILTER_FILE, prompt_pass_rates, selected_prompts
-from pipeline.runner import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
 

@@ -27,7 +27,7 @@ from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.reward_model import score
 from pipeline.tokenizer import load_chat_tokenizer
-from pipeline.runner import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.tasks import conversational_pairs
 
 SPLITS = ("preference",)

@@ -35,7 +35,7 @@ from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
-from pipeline.runner import ConfigError
+from pipeline.errors import ConfigError
 
 SPLITS = ("sft",)
 OPTIONAL_SPLITS = ("eval",)  # held-out accuracy when the task has problems with answers; else eval_loss only

@@ -23,7 +23,8 @@ from pathlib import Path
 from pipeline import artifacts, distributed, preemption, rewards, trainer_settings
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
-from pipeline.runner import ConfigError, log
+from pipeline.errors import ConfigError
+from pipeline.log import log
 from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, TestTimeSettings, run_method
 from pipeline.tokenizer import load_chat_tokenizer
 

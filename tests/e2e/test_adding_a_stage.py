@@ -115,3 +115,23 @@ def test_an_unknown_stage_lists_the_stages_found(package, tmp_path, monkeypatch)
     bad = run_cli("preset=smoke", "run.stage_packages=[mystages]", "run.stages=[polish]", "+stages.polish.max_steps=0",
                   f"run.dir={tmp_path / 'run'}", check=False)
     assert bad.returncode == 2 and "stages.polish.max_steps=0" in bad.stderr  # the config rules apply to it too
+
+
+@pytest.mark.parametrize("override, says", [
+    ("trainer.precision=fp16", "trainer.precision=fp16 needs a CUDA GPU"),
+    ("trainer.report_to=mlflow", "trainer.report_to=mlflow needs the mlflow package"),
+    ("optim=muon", None),  # the optimizer/launcher check runs for it too: muon without ZeRO is fine
+])
+def test_a_training_stage_from_a_package_gets_the_checks_a_built_in_one_gets(package, tmp_path, monkeypatch, override, says):
+    """Its contract (USES optim and trainer) makes it a training stage: what the machine cannot run
+    is refused before compute with exit 2, as for sft, and nothing is written."""
+    monkeypatch.setenv("PYTHONPATH", str(package))
+    args = ["preset=smoke", "run.stage_packages=[mystages]", "run.stages=[polish]", f"run.dir={tmp_path / 'run'}",
+            f"+stages.polish.init={tmp_path / 'nowhere'}", override]
+    done = run_cli(*args, check=False)
+    if says is None:
+        assert done.returncode == 2 and "stages.polish.init=" in done.stderr  # past the checks, to the missing input
+        return
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert says in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()

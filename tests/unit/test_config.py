@@ -5,6 +5,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import artifacts
+from pipeline.stage import Stage
 from pipeline.runner import ConfigError, StagePlan, plan_stages, prepare_stage_dir
 from tests.conftest import CONF, compose_config, run_cli
 from tests.unit.test_artifacts import make_checkpoint
@@ -99,7 +100,7 @@ def write_stage(stage_dir: Path, config_hash: str, status: str, final=True, chec
 def test_skip_resume_decisions(tmp_path, status, stored_hash, final, checkpoints, force, expected):
     stage_dir = tmp_path / "pretrain"
     write_stage(stage_dir, stored_hash, status, final, checkpoints)
-    action, checkpoint = prepare_stage_dir(StagePlan("pretrain", None, None, None, "h1"), stage_dir, force)
+    action, checkpoint = prepare_stage_dir(StagePlan("pretrain", Stage("pretrain", run=lambda ctx: {}, splits=(), uses=()), None, None, "h1"), stage_dir, force)
     assert (action, checkpoint.name if checkpoint else None) == expected
 
 

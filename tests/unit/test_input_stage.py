@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import artifacts
+from pipeline.stage import Stage
 from pipeline.runner import ConfigError, StagePlan, prepare_stage_dir, resolve_input, upstream_stage
 from tests.conftest import compose_config
 
@@ -59,12 +60,11 @@ def test_test_time_hash_follows_its_reward_model(tmp_path):
 
 
 def test_a_stage_without_final_is_skipped_when_completed(tmp_path):
-    class Evaluates:
-        WRITES_FINAL = False
-
+    evaluates = Stage("test_time", run=lambda ctx: {}, splits=(), uses=(), writes_final=False)
+    trains = Stage("sft", run=lambda ctx: {}, splits=(), uses=())
     stage_dir = tmp_path / "test_time"
     stage_dir.mkdir()
     artifacts.write_manifest(stage_dir, {"status": "completed", "config_hash": "h1"})
-    assert prepare_stage_dir(StagePlan("test_time", Evaluates, None, None, "h1"), stage_dir, False) == ("skip", None)
-    assert prepare_stage_dir(StagePlan("sft", None, None, None, "h1"), stage_dir, False) == ("start", None)
+    assert prepare_stage_dir(StagePlan("test_time", evaluates, None, None, "h1"), stage_dir, False) == ("skip", None)
+    assert prepare_stage_dir(StagePlan("sft", trains, None, None, "h1"), stage_dir, False) == ("start", None)
     assert json.loads((stage_dir / "stage.json").read_text())["status"] == "completed"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runner import available_stages, load_stage_module, stage_hash
+from pipeline.runner import available_stages, load_stage, load_stage_module, stage_hash
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def test_uses_lists_every_group_the_recipe_reads(stage):
 def test_a_trainer_setting_reruns_a_stage_and_tracking_does_not():
     def sft_hash(*overrides):
         cfg = compose_config(list(overrides))
-        return stage_hash(cfg, "sft", load_stage_module("sft", cfg), "input")
+        return stage_hash(cfg, load_stage("sft", cfg), "input")
 
     assert sft_hash("trainer.precision=bf16") != sft_hash("trainer.precision=fp32")
     assert sft_hash("trainer.report_to=none") == sft_hash("trainer.report_to=tensorboard")
