@@ -1,8 +1,11 @@
 """`python -m pipeline [overrides]`: compose conf/config.yaml with Hydra and run the stages.
 
 Exit codes: 0 done, 2 bad config or input (Hydra's composition errors included: unknown key,
-unknown group option, malformed override), 75 preempted (rerun to resume), 1 a failure while
-running.
+unknown group option, malformed override; a run dir that cannot be written), 75 preempted (rerun
+to resume), 1 a failure while running. A failure of the filesystem (full, read-only, permission
+denied) is one line on the terminal; its traceback goes to the stage's error.log.
+
+With -m (a Hydra multirun) each job runs in its own run dir under run.dir (pipeline/sweep.py).
 """
 
 import sys
@@ -11,8 +14,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from pipeline import artifacts, distributed, sweep
+from pipeline.errors import ConfigError, storage_problem
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
-from pipeline.runner import ConfigError, run_pipeline
+from pipeline.runner import run_pipeline
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: main() also runs in-process (tests)
 CONFIG_ERROR_EXIT_CODE = 2
@@ -23,6 +28,12 @@ _started = False  # Hydra composed the config and called the task function
 def _run(cfg: DictConfig) -> None:
     global _started
     _started = True
+    sweep_root = None
+    if is_multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        cfg, sweep_root = sweep.job_config(cfg, list(HydraConfig.get().overrides.task), sys.argv[1:])
+    run_dir = Path(str(cfg.run.dir)).expanduser().resolve()
     try:
         run_pipeline(cfg)
     except ConfigError as err:
@@ -31,6 +42,29 @@ def _run(cfg: DictConfig) -> None:
     except Preempted as err:
         print(f"[pipeline] preempted: {err}; rerun the same command to resume", flush=True)
         sys.exit(REQUEUE_EXIT_CODE)
+    except Exception as err:
+        problem = storage_problem(err, run_dir)
+        if problem is None:
+            raise
+        # one line: the cause and the fix; the traceback in the stage's error.log (the runner's note)
+        notes = [n for n in getattr(err, "__notes__", ()) if n.startswith(artifacts.TRACEBACK_NOTE)]
+        saved = notes[-1].removeprefix(artifacts.TRACEBACK_NOTE) if notes else artifacts.save_traceback(run_dir)
+        print(f"error: {problem} (traceback: {saved})", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if sweep_root is not None and distributed.is_main_process():
+            try:
+                summary = sweep.write_summary(sweep_root.expanduser().resolve())
+                print(f"[pipeline] sweep summary: {summary}", flush=True)
+            except OSError as err:
+                print(f"[pipeline] could not write the sweep summary in {sweep_root}: {err}", file=sys.stderr)
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:

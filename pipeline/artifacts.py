@@ -333,3 +333,24 @@ def completed_manifest(run_dir: Path, stage: str) -> dict | None:
     if manifest and manifest.get("status") == "completed" and is_hf_checkpoint(run_dir / stage / FINAL):
         return manifest
     return None
+
+
+ERROR_LOG = "error.log"  # in a stage dir: the traceback of its last failure
+TRACEBACK_NOTE = "traceback saved to "  # the note the runner adds to a stage's exception
+
+
+def save_traceback(folder: Path) -> Path | str:
+    """The exception being handled, with its traceback, in folder/error.log, or in the system's
+    temp dir when folder cannot take it (a full or read-only disk). Returns where it went."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    for path in (Path(folder) / ERROR_LOG, Path(tempfile.gettempdir()) / f"pipeline-{Path(folder).name}-{ERROR_LOG}"):
+        try:
+            path.write_text(text)
+            return path
+        except OSError:
+            path.unlink(missing_ok=True)  # a full disk leaves the file empty
+            continue
+    return "not written: no writable place"

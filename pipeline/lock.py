@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline import artifacts, distributed
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, storage_problem
 
 LOCK_FILE = ".lock"
 
@@ -200,12 +200,17 @@ def _take_over(path: Path, seen: str) -> bool:
 
 def acquire(run_dir: Path) -> RunLock:
     """Take the lock of run_dir (creating run_dir) in this process, or raise ConfigError naming
-    the holder."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    the holder, or a run dir that cannot be created or written (the filesystem's reason)."""
     path = run_dir / LOCK_FILE
     record = holder_record()
     for _ in range(10):
-        if _create(path, record):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            created = _create(path, record)
+        except OSError as err:
+            problem = storage_problem(err, run_dir) or f"{type(err).__name__}: {err}"
+            raise ConfigError(f"run.dir={run_dir} cannot be created or written: {problem}") from err
+        if created:
             return RunLock(path, record["token"])
         text, holder = _read_holder(path)
         if text is None:

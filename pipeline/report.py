@@ -17,10 +17,14 @@ def format_value(value) -> str:
 STAGE_SUMMARY = "summary.md"  # markdown a stage writes into its dir for the report
 
 
-def write_report(run_dir: Path, stage_order: list[str]) -> Path:
+def write_report(run_dir: Path, stage_order: list[str], sweep_job: str | None = None) -> Path:
+    """report.md in run_dir; `sweep_job`: the job's swept overrides, when it is a job of a sweep
+    (the sweep's summary, sweep.md, is in the parent dir)."""
     present = [d.name for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / artifacts.MANIFEST).exists()]
     order = [s for s in stage_order if s in present] + [s for s in present if s not in stage_order]
     lines = ["# Run report", "", f"Run directory: `{run_dir}`", ""]
+    if sweep_job:
+        lines += [f"Sweep job `{sweep_job}`; every job of the sweep: [../sweep.md](../sweep.md)", ""]
     lines += summary_table(run_dir, order)
     for stage in order:  # a stage's own summary (e.g. test_time's methods side by side)
         section = run_dir / stage / STAGE_SUMMARY

@@ -295,7 +295,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / preemption.FLAG_FILE).unlink(missing_ok=True)  # a request to an earlier run
             artifacts.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        log(f"run dir {run_dir}; stages: {' -> '.join(p.name for p in plans)}")
+        job = f" (sweep job {cfg.run.sweep_job})" if cfg.run.get("sweep_job") else ""
+        log(f"run dir {run_dir}{job}; stages: {' -> '.join(p.name for p in plans)}")
 
         results: dict[str, dict] = {}
         for number, plan in enumerate(plans, 1):
@@ -315,7 +316,7 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
         log(f"stage {plan.name}: already completed with config {plan.config_hash}, skipping")
         return artifacts.read_metrics(stage_dir) or {}
     if action == "finish":
-        return finish_committed_stage(plan, run_dir, list(cfg.run.stages))
+        return finish_committed_stage(plan, run_dir, cfg)
     check_stage(cfg, plan.stage, plan.input_path)  # again: an earlier stage may have just written the input
     plan.stage.check(cfg, task, plan.input_path)
     if distributed.is_main_process():
@@ -368,16 +369,19 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
             except OSError as write_err:
                 log(f"stage {plan.name}: could not record status {status} in {stage_dir / artifacts.MANIFEST}, which "
                     f"still says running ({type(write_err).__name__}: {write_err}); the stage failed with: {manifest['error']}")
+            if isinstance(err, Exception) and not isinstance(err, (ConfigError, preemption.Preempted)):
+                # the entry point prints one line for a filesystem failure and names this file
+                err.add_note(f"{artifacts.TRACEBACK_NOTE}{artifacts.save_traceback(stage_dir)}")
         raise
     if distributed.is_main_process():
-        write_report(run_dir, list(cfg.run.stages))
+        write_report(run_dir, list(cfg.run.stages), cfg.run.get("sweep_job"))
     distributed.barrier()
     headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))
     log(f"stage {plan.name}: completed in {wall:.0f}s; {headline}")
     return metrics
 
 
-def finish_committed_stage(plan: StagePlan, run_dir: Path, order: list[str]) -> dict:
+def finish_committed_stage(plan: StagePlan, run_dir: Path, cfg: DictConfig) -> dict:
     """A stage killed after its final/ was committed: write the metrics saved with it and mark
     it completed, without training again."""
     stage_dir = run_dir / plan.name
@@ -387,7 +391,7 @@ def finish_committed_stage(plan: StagePlan, run_dir: Path, order: list[str]) -> 
         manifest = artifacts.read_manifest(stage_dir) or {"stage": plan.name, "config_hash": plan.config_hash}
         manifest.update(status="completed", ended=artifacts.now(), recovered="final/ was complete; metrics from final/")
         artifacts.write_manifest(stage_dir, manifest)
-        write_report(run_dir, order)
+        write_report(run_dir, list(cfg.run.stages), cfg.run.get("sweep_job"))
     distributed.barrier()
     log(f"stage {plan.name}: its final/ was complete when the last run stopped; recorded it as completed, no training")
     return metrics

@@ -1,0 +1,96 @@
+"""Hydra multiruns (`python -m pipeline -m seed=0,1,2 ...`): each job runs in its own run dir,
+`<run.dir>/<the job's swept overrides>` (e.g. outputs/default/seed=1), so the jobs of a sweep
+never replace each other's stages, and each has its own lock, skip and resume. After each job
+the sweep root gets sweep.md and sweep.json: one row per job dir found there, with its stages'
+status and headline metrics.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from pipeline import artifacts
+from pipeline.report import HEADLINE, format_value
+
+SUMMARY_MD, SUMMARY_JSON = "sweep.md", "sweep.json"
+
+
+def swept_keys(argv: list[str]) -> list[str]:
+    """The keys the command line sweeps over (seed=0,1; lr=range(...); x=choice(...))."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # Hydra has parsed the command line already; a flag's value lands here
+            continue
+        if override.is_sweep_override():
+            keys.append(override.key_or_group)
+    return keys
+
+
+def job_name(job_overrides: list[str], keys: list[str]) -> str:
+    """`key=value` of the job's swept overrides, in command-line order, joined by commas; a
+    path separator or other character a directory name should not hold becomes `_`."""
+    parts = []
+    for line in job_overrides:
+        key, _, value = line.lstrip("+~").partition("=")
+        if key in keys:
+            parts.append(f"{key}={value}")
+    return re.sub(r"[^\w.,=+\-\[\]]", "_", ",".join(parts))
+
+
+def job_config(cfg: DictConfig, job_overrides: list[str], argv: list[str]) -> tuple[DictConfig, Path]:
+    """(the job's config with run.dir set to its own dir and run.sweep_job to its name, the
+    sweep root). A sweep over run.dir or run.name alone already separates its jobs."""
+    root = Path(str(cfg.run.dir))
+    keys = [k for k in swept_keys(argv) if k not in ("run.dir", "run.name")]
+    name = job_name(job_overrides, keys)
+    if not name:
+        return cfg, root
+    with open_dict(cfg):
+        cfg.run.dir = str(root / name)
+        cfg.run.sweep_job = name
+    return cfg, root
+
+
+def jobs_in(root: Path) -> list[Path]:
+    """The run dirs directly under root (a config.yaml marks one)."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and (d / "config.yaml").is_file()) if root.is_dir() else []
+
+
+def write_summary(root: Path) -> Path | None:
+    """sweep.md and sweep.json in root: each job dir, its stages' status and headline metrics."""
+    jobs = []
+    for job in jobs_in(root):
+        stages = {}
+        for stage_dir in sorted(d for d in job.iterdir() if (d / artifacts.MANIFEST).is_file()):
+            manifest = artifacts.read_manifest(stage_dir) or {}
+            metrics = artifacts.read_metrics(stage_dir) or {}
+            stages[stage_dir.name] = {"status": manifest.get("status", "?"), "started": manifest.get("started", ""),
+                                      "metrics": {k: v for k, v in metrics.items() if k in HEADLINE}}
+        order = sorted(stages, key=lambda s: stages[s]["started"])
+        jobs.append({"run_dir": job.name, "stages": {s: stages[s] for s in order}})
+    if not jobs:
+        return None
+    artifacts.write_json_atomic(root / SUMMARY_JSON, jobs)
+    columns = []  # (stage, metric) pairs some job has, in stage order
+    for job in jobs:
+        for stage, record in job["stages"].items():
+            columns += [(stage, m) for m in HEADLINE if m in record["metrics"] and (stage, m) not in columns]
+    lines = ["# Sweep summary", "", f"Sweep root: `{root}`; one run dir per job (its report.md has the details).", "",
+             "| run dir | stages | " + " | ".join(f"{s} {m}" for s, m in columns) + " |",
+             "| --- | --- |" + " --- |" * len(columns)]
+    for job in jobs:
+        status = ", ".join(f"{s} {r['status']}" for s, r in job["stages"].items())
+        values = [format_value(job["stages"].get(s, {}).get("metrics", {}).get(m, "")) for s, m in columns]
+        lines.append(f"| [{job['run_dir']}]({job['run_dir']}/report.md) | {status} | " + " | ".join(values) + " |")
+    artifacts.write_text_atomic(root / SUMMARY_MD, "\n".join(lines) + "\n")
+    return root / SUMMARY_MD
