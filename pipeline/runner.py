@@ -14,6 +14,7 @@ stage ran.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import pkgutil
@@ -278,6 +279,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
     plans = plan_stages(cfg, run_dir)
     # one invocation per run dir: taken before anything is written there, released however
     # this ends (the lock file is removed only by the process that holds it)
+    existed = run_dir.exists()
     held = lock.acquire_for_launch(run_dir)
     try:
         try:
@@ -305,6 +307,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
         return results
     finally:
         lock.release(held)
+        if not existed and held is not None:
+            with contextlib.suppress(OSError):  # not empty (a stage ran), or gone: leave it
+                run_dir.rmdir()  # refused before anything was written: leave no empty run dir behind
 
 
 def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> dict:

@@ -1,5 +1,5 @@
 """Hydra multiruns (`python -m pipeline -m seed=0,1,2 ...`): each job runs in its own run dir,
-`<run.dir>/<the job's swept overrides>` (e.g. outputs/default/seed=1), so the jobs of a sweep
+`<run.dir>/<the job's swept overrides>` (e.g. outputs/default/seed-1), so the jobs of a sweep
 never replace each other's stages, and each has its own lock, skip and resume. After each job
 the sweep root gets sweep.md and sweep.json: one row per job dir found there, with its stages'
 status and headline metrics.
@@ -37,14 +37,15 @@ def swept_keys(argv: list[str]) -> list[str]:
 
 
 def job_name(job_overrides: list[str], keys: list[str]) -> str:
-    """`key=value` of the job's swept overrides, in command-line order, joined by commas; a
-    path separator or other character a directory name should not hold becomes `_`."""
+    """`key-value` of the job's swept overrides, in command-line order, joined by `+`
+    (seed-1+optim.lr-0.001): characters a Hydra override takes unquoted, so the dir's path can be
+    passed on as stages.<name>.init=...; any other character becomes `_`."""
     parts = []
     for line in job_overrides:
         key, _, value = line.lstrip("+~").partition("=")
         if key in keys:
-            parts.append(f"{key}={value}")
-    return re.sub(r"[^\w.,=+\-\[\]]", "_", ",".join(parts))
+            parts.append(f"{key}-{value}")
+    return re.sub(r"[^\w.+\-]", "_", "+".join(parts))
 
 
 def job_config(cfg: DictConfig, job_overrides: list[str], argv: list[str]) -> tuple[DictConfig, Path]:

@@ -36,6 +36,7 @@ from pipeline.resume import ExactResume
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
 from pipeline.errors import ConfigError
+from pipeline.log import log
 
 SPLITS = ("sft",)
 OPTIONAL_SPLITS = ("eval",)  # held-out accuracy when the task has problems with answers; else eval_loss only
@@ -56,6 +57,34 @@ def validate(cfg, input_path: Path | None) -> None:
             "of packed rows; set stages.sft.packing=false"
         )
 
+
+def check_data(cfg, task, input_path: Path | None) -> None:
+    """Rows are left to train on, before any compute: the last eval_examples rows are held out,
+    and (with the input's tokenizer, once it exists) TRL drops a row whose prompt fills
+    max_length, since no response token is left in it. Stops at the first row that survives."""
+    stage = cfg.stages.sft
+    examples = task.sft_examples()
+    n_eval = int(stage.eval_examples)
+    source = f"the sft split ({cfg.task.splits.sft})" if cfg.task.get("splits") and cfg.task.splits.get("sft") else "the sft split"
+    if len(examples) <= n_eval:
+        raise ConfigError(f"{source} has {len(examples)} rows and stages.sft.eval_examples={n_eval} of them are held out "
+                          f"for eval_loss, which leaves none to train on; lower stages.sft.eval_examples "
+                          f"(e.g. {max(1, len(examples) // 10)}) or add rows")
+    if input_path is None or stage.packing:  # packing chunks rows to max_length instead of dropping them
+        return
+    tokenizer = load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+    prompt_lengths = []
+    for example in examples[:-n_eval]:
+        mask = tokenize_example(tokenizer, example)["completion_mask"]
+        if any(mask[: stage.max_length]):
+            return
+        prompt_lengths.append(mask.index(1) if 1 in mask else len(mask))
+    raise ConfigError(
+        f"{source} has {len(examples)} rows: {n_eval} held out for eval_loss (stages.sft.eval_examples), and in all "
+        f"{len(prompt_lengths)} others the prompt fills stages.sft.max_length={stage.max_length} tokens (prompts take "
+        f"{min(prompt_lengths)}-{max(prompt_lengths)}), so TRL would drop every one; raise stages.sft.max_length above "
+        f"{max(prompt_lengths)} or shorten the prompts"
+    )
 
 
 def tokenize_chat(tokenizer, prompt: str | list[dict], completion: str | list[dict]) -> dict[str, list[int]]:
@@ -122,6 +151,16 @@ def build_datasets(tokenizer, task, stage_cfg, seed: int) -> tuple[Dataset, Data
     return Dataset.from_list(rows), Dataset.from_list(eval_rows)
 
 
+def log_truncation(train_data: Dataset, stage_cfg, stage: str) -> None:
+    """Say how many training rows TRL will drop because max_length cuts off every response token."""
+    if stage_cfg.packing:
+        return
+    dropped = sum(not any(mask[: stage_cfg.max_length]) for mask in train_data["completion_mask"])
+    if dropped:
+        log(f"stage {stage}: {dropped} of {len(train_data)} training rows have no response token within "
+            f"stages.{stage}.max_length={stage_cfg.max_length}; TRL drops them (raise max_length to keep them)")
+
+
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, shared: dict | None = None) -> SFTConfig:
     """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
     lr = learning_rate(stage_cfg, peft_cfg)
@@ -182,6 +221,7 @@ def run(ctx) -> dict[str, float]:
     peft_config = build_peft_config(ctx.cfg.peft, model)
     set_router_aux_loss(model, True)
     train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    log_truncation(train_data, cfg, ctx.name)
     args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed,
                          trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir))
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, stage_optim(ctx.cfg, ctx.name))
@@ -204,7 +244,7 @@ def run(ctx) -> dict[str, float]:
         "train_loss": last_loss,
         "train_loss_first": first_loss,
         "train_steps": trainer.state.global_step,
-        "train_examples": len(train_data),
+        "train_examples": len(trainer.train_dataset),  # after TRL's truncation drops
         "train_tokens": tokens,
         "tokens_per_second": tokens / runtime if runtime else 0.0,
         "train_runtime_s": runtime,

@@ -44,3 +44,27 @@ def test_gsm8k_recipe_runs_sft_grpo_test_time_on_a_local_copy(tmp_path):
         assert json.loads((run_dir / stage / "stage.json").read_text())["status"] == "completed", stage
     sft = json.loads((run_dir / "sft" / "metrics.json").read_text())
     assert sft["train_loss"] < sft["train_loss_first"] and sft["eval_num_problems"] == 8
+
+
+def test_a_small_split_that_leaves_no_training_rows_is_refused_before_compute(tmp_path, smoke_pretrain_run):
+    """30 rows in GSM8K's schema with long questions: the held-out rows and max_length (TRL drops a
+    row whose prompt fills it) leave nothing to train on, which is named with the counts and the
+    knob, exit 2, before any stage runs, and no run dir is left behind."""
+    rows = [{**gsm8k_row(a, 5), "question": "Natalia sold clips to her friends in April. " * 8 + f"She had {a}. How many?"}
+            for a in range(30)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    run_dir = tmp_path / "run"
+    args = ["preset=smoke", "task=gsm8k", *[f"task.splits.{s}={data}" for s in ("sft", "rl", "eval")],
+            "run.stages=[sft,grpo,test_time]", "stages.test_time.methods=[greedy,sample,majority_vote]",
+            f"stages.sft.init={smoke_pretrain_run / 'pretrain' / 'final'}", f"run.dir={run_dir}"]
+    done = run_cli(*args, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert ("has 30 rows: 20 held out for eval_loss (stages.sft.eval_examples), and in all 10 others the prompt "
+            "fills stages.sft.max_length=128 tokens") in done.stderr
+    assert "raise stages.sft.max_length above" in done.stderr
+    assert not run_dir.exists()
+
+    held_out = run_cli(*args, "stages.sft.eval_examples=30", check=False)
+    assert held_out.returncode == 2
+    assert "has 30 rows and stages.sft.eval_examples=30 of them are held out" in held_out.stderr
