@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline import artifacts, distributed, sweep
+from pipeline.config_check import LAUNCH_CONFIGS, launch_config_message
 from pipeline.errors import ConfigError, storage_problem
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
 from pipeline.runner import run_pipeline
@@ -22,6 +23,20 @@ from pipeline.runner import run_pipeline
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: main() also runs in-process (tests)
 CONFIG_ERROR_EXIT_CODE = 2
 _started = False  # Hydra composed the config and called the task function
+
+
+def config_groups() -> str:
+    """--help's list of config groups: `group: option, ...` for each folder of conf/ with YAML files."""
+    folders = sorted(d for d in Path(CONF_DIR).iterdir() if d.is_dir() and d.name not in LAUNCH_CONFIGS)
+    return "\n".join(f"{d.name}: {', '.join(sorted(f.stem for f in d.glob('*.yaml')))}" for d in folders)
+
+
+def launch_configs() -> str:
+    return ", ".join(sorted(f.stem for f in (Path(CONF_DIR) / "accelerate").glob("*.yaml")))
+
+
+OmegaConf.register_new_resolver("pipeline_config_groups", config_groups, replace=True)
+OmegaConf.register_new_resolver("pipeline_launch_configs", launch_configs, replace=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -77,6 +92,7 @@ def main() -> None:
     except SystemExit as exit_:
         if exit_.code == 1 and not _started:
             name_bad_override(sys.argv[1:])
+            name_launch_config(sys.argv[1:])
             sys.exit(CONFIG_ERROR_EXIT_CODE)
         raise
     except Exception:  # HYDRA_FULL_ERROR=1: Hydra re-raises instead of printing
@@ -86,6 +102,15 @@ def main() -> None:
 
         traceback.print_exc()
         sys.exit(CONFIG_ERROR_EXIT_CODE)
+
+
+def name_launch_config(args: list[str]) -> None:
+    """accelerate=ddp (or deepspeed=...) reads like a config group; say what those files are for."""
+    for arg in args:
+        group = arg.lstrip("+~").split("=", 1)[0]
+        if group in LAUNCH_CONFIGS:
+            print(f"error: {launch_config_message(arg, group)}", file=sys.stderr)
+            return
 
 
 # Hydra's flags that take the next argument as their value

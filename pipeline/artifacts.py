@@ -281,10 +281,22 @@ def commit_final(stage_dir: Path, record: dict) -> Path | None:
     if not tmp.is_dir():
         return None
     write_json_atomic(tmp / FINAL_RECORD, record)
+    apply_umask(tmp)
     if final.exists():
         move_to_superseded(final, stage_dir.parent, f"{stage_dir.name}-final")
     os.replace(tmp, final)
     return final
+
+
+def apply_umask(folder: Path) -> None:
+    """Give the files under folder the umask's permissions, as any file the user creates:
+    safetensors writes its files with mode 0600 (unreadable to the user's group where the umask
+    would allow it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask | (path.stat().st_mode & 0o111))
 
 
 def final_record(stage_dir: Path) -> dict | None:

@@ -192,8 +192,20 @@ def rule_for(group: str, key: str) -> Rule | None:
     return RULES.get(f"{group}.{key}" if group else key)
 
 
+LAUNCH_CONFIGS = ("accelerate", "deepspeed")  # folders of conf/ that hold launch configs, not config groups
+
+
+def launch_config_message(arg: str, group: str) -> str:
+    return (f"{arg}: conf/{group}/ holds launch configs, not a config group; launch with them instead: accelerate "
+            "launch --config_file conf/accelerate/<name>.yaml -m pipeline ... (README: GPUs and clusters)")
+
+
 def check_run(cfg: DictConfig) -> None:
-    """seed and the run group: before the stages they name are looked up."""
+    """seed and the run group: before the stages they name are looked up; no launch config
+    merged in as if it were a group (+accelerate=ddp)."""
+    for group in LAUNCH_CONFIGS:
+        if group in cfg:
+            raise ConfigError(launch_config_message(f"+{group}=...", group))
     check_node(cfg, "", ["seed"])
     check_node(cfg.run, "run")
 

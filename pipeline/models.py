@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pipeline import artifacts, distributed
 from pipeline.errors import ConfigError
-from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids
+from pipeline.tokenizer import load_chat_tokenizer, save_tokenizer, stop_token_ids
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_DIR = "adapter"  # every PEFT final/ keeps its adapter here
@@ -107,7 +107,7 @@ def save_peft_policy(model: PeftModel, tokenizer, out_dir: Path, final_dir: Path
             # adapters here never train embeddings; "auto" would probe the base path (on the Hub, too)
             options = {"save_embedding_layers": False} if isinstance(obj, PeftModel) else {}
             obj.save_pretrained(directory, **options)
-            tokenizer.save_pretrained(directory)
+            save_tokenizer(tokenizer, directory)
 
     adapter = model.peft_config[model.active_adapter]
     if adapter.is_prompt_learning:

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from pipeline import distributed
+from pipeline import artifacts, distributed
 from pipeline.resume import ExactResume, StopAtMaxSteps, TrainingAlreadyComplete
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; the sbatch scripts requeue on it
@@ -64,6 +64,15 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
 
 
+class CheckpointPermissions(TrainerCallback):
+    """A saved checkpoint's files get the umask's permissions (safetensors writes 0600)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            artifacts.apply_umask(checkpoint)
+
+
 class ProgressLine(TrainerCallback):
     """One plain log line per tenth of the stage's steps, with its ETA, for logs where the
     progress bar is unreadable (SLURM output files, `tee`)."""
@@ -97,6 +106,7 @@ def train(trainer, ctx):
     trainer.add_callback(callback)
     trainer.add_callback(StopAtMaxSteps())
     trainer.add_callback(ProgressLine(ctx.name))
+    trainer.add_callback(CheckpointPermissions())
     try:
         output = trainer.train(resume_from_checkpoint=str(ctx.resume_checkpoint) if ctx.resume_checkpoint else None)
     except TrainingAlreadyComplete:

@@ -82,3 +82,14 @@ def load_chat_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Pr
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """save_pretrained with the padding side the tokenizer was loaded with (default right): a
+    stage that pads left to generate (grpo) hands the next stage the tokenizer it was given."""
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = tokenizer.init_kwargs.get("padding_side") or "right"
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.padding_side = padding_side
