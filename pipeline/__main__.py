@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import artifacts, distributed, sweep
+from pipeline import artifacts, sweep
 from pipeline.config_check import LAUNCH_CONFIGS, launch_config_message
 from pipeline.errors import ConfigError, storage_problem
 from pipeline.preemption import REQUEUE_EXIT_CODE, Preempted
@@ -43,11 +43,10 @@ OmegaConf.register_new_resolver("pipeline_launch_configs", launch_configs, repla
 def _run(cfg: DictConfig) -> None:
     global _started
     _started = True
-    sweep_root = None
     if is_multirun():
         from hydra.core.hydra_config import HydraConfig
 
-        cfg, sweep_root = sweep.job_config(cfg, list(HydraConfig.get().overrides.task), sys.argv[1:])
+        cfg, _ = sweep.job_config(cfg, list(HydraConfig.get().overrides.task), sys.argv[1:])
     run_dir = Path(str(cfg.run.dir)).expanduser().resolve()
     try:
         run_pipeline(cfg)
@@ -66,13 +65,6 @@ def _run(cfg: DictConfig) -> None:
         saved = notes[-1].removeprefix(artifacts.TRACEBACK_NOTE) if notes else artifacts.save_traceback(run_dir)
         print(f"error: {problem} (traceback: {saved})", file=sys.stderr)
         sys.exit(1)
-    finally:
-        if sweep_root is not None and distributed.is_main_process():
-            try:
-                summary = sweep.write_summary(sweep_root.expanduser().resolve())
-                print(f"[pipeline] sweep summary: {summary}", flush=True)
-            except OSError as err:
-                print(f"[pipeline] could not write the sweep summary in {sweep_root}: {err}", file=sys.stderr)
 
 
 def is_multirun() -> bool:

@@ -122,6 +122,7 @@ SEED = Rule("int", low=0, high=SEED_MAX)
 RULES: dict[str, Rule] = {
     # --- top level and run
     "seed": SEED, "run.name": TEXT, "run.dir": TEXT, "run.stages": TEXTS, "run.force": BOOL, "run.stage_packages": TEXTS,
+    "run.sweep_job": Rule("text", null="not a job of a sweep"),
     # --- every stage: sizes, steps, paths
     "init": PATH, "input_stage": Rule("names", null="start from the model group"),
     "max_steps": COUNT, "batch_size": COUNT, "grad_accum": COUNT, "seq_len": COUNT, "max_length": COUNT,

@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import set_seed
 
-from pipeline import artifacts, distributed, hub, lock, preemption
+from pipeline import artifacts, distributed, hub, lock, preemption, sweep
 from pipeline.adapters import check_peft_config
 from pipeline.config_check import check_config, check_run
 from pipeline.errors import ConfigError
@@ -307,9 +307,19 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
         return results
     finally:
         lock.release(held)
+        if cfg.run.get("sweep_job") and held is not None:
+            write_sweep_summary(run_dir.parent)
         if not existed and held is not None:
             with contextlib.suppress(OSError):  # not empty (a stage ran), or gone: leave it
                 run_dir.rmdir()  # refused before anything was written: leave no empty run dir behind
+
+
+def write_sweep_summary(root: Path) -> None:
+    """The sweep's summary after one of its jobs, however the job ended (main process)."""
+    try:
+        log(f"sweep summary: {sweep.write_summary(root)}")
+    except OSError as err:
+        log(f"could not write the sweep summary in {root}: {type(err).__name__}: {err}")
 
 
 def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> dict:

@@ -2,6 +2,7 @@
 
     python -m pipeline.slurm submit [--script slurm/multi_node.sbatch] [--sbatch-arg=--partition=gpu] \\
         -- <hydra overrides>
+    python -m pipeline.slurm submit -- -m seed=0,1,2 <hydra overrides>   # a sweep: one chain per job
     python -m pipeline.slurm run-dir -- <hydra overrides>     # print the run dir they select
 
 Every job runs one stage against the shared run dir. A failed stage stops the jobs after it;
@@ -17,14 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from pipeline import sweep
+from pipeline.config import compose_config
+from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+MULTIRUN = ("-m", "--multirun")
 
 
 def run_dir_of(cfg) -> Path:
@@ -58,6 +57,22 @@ def submit(overrides: list[str], script: str, sbatch_args: list[str], sbatch: st
     return job_ids
 
 
+def submit_sweep(overrides: list[str], script: str, sbatch_args: list[str], sbatch: str = "sbatch") -> dict[str, list[str]]:
+    """One chain per job of the sweep, each in its own run dir under run.dir (as `python -m
+    pipeline -m` names them); every job is checked before anything is submitted. Returns the
+    job ids per run dir."""
+    from pipeline.runner import plan_stages
+
+    jobs = sweep.expand(overrides)
+    root = run_dir_of(compose_config(jobs[0]))
+    commands = [sweep.job_overrides(job, overrides, root) for job in jobs]
+    for command in commands:  # all points checked first: a bad one submits nothing
+        cfg = compose_config(command)
+        plan_stages(cfg, run_dir_of(cfg))
+    print(f"[slurm] sweep of {len(commands)} jobs under {root}")
+    return {str(run_dir_of(compose_config(c))): submit(c, script, sbatch_args, sbatch) for c in commands}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run-dir":
         print(run_dir_of(compose_config(overrides)))
         return 0
-    from pipeline.runner import ConfigError
-
+    script = str(ROOT / args.script) if not os.path.isabs(args.script) else args.script
     try:
-        submit(overrides, str(ROOT / args.script) if not os.path.isabs(args.script) else args.script, args.sbatch_arg)
+        if any(o in MULTIRUN for o in overrides):
+            submit_sweep([o for o in overrides if o not in MULTIRUN], script, args.sbatch_arg)
+        else:
+            submit(overrides, script, args.sbatch_arg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
-"""Hydra multiruns (`python -m pipeline -m seed=0,1,2 ...`): each job runs in its own run dir,
-`<run.dir>/<the job's swept overrides>` (e.g. outputs/default/seed-1), so the jobs of a sweep
-never replace each other's stages, and each has its own lock, skip and resume. After each job
-the sweep root gets sweep.md and sweep.json: one row per job dir found there, with its stages'
-status and headline metrics.
+"""Sweeps (`python -m pipeline -m seed=0,1,2 ...`, or `python -m pipeline.slurm submit -- -m
+...`): each job runs in its own run dir, `<run.dir>/<the job's swept overrides>` (e.g.
+outputs/default/seed-1), so the jobs of a sweep never replace each other's stages, and each has
+its own lock, skip and resume. After each job the sweep root gets sweep.md and sweep.json: one
+row per job dir found there, with its stages' status and headline metrics.
 """
 
 from __future__ import annotations
@@ -18,22 +18,37 @@ from pipeline.report import HEADLINE, format_value
 SUMMARY_MD, SUMMARY_JSON = "sweep.md", "sweep.json"
 
 
-def swept_keys(argv: list[str]) -> list[str]:
-    """The keys the command line sweeps over (seed=0,1; lr=range(...); x=choice(...))."""
+def parsed(argv: list[str]) -> list:
+    """Hydra's parse of each override in argv (flags and what does not parse left out)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
-    keys = []
+    parser, overrides = OverridesParser.create(), []
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         try:
-            (override,) = parser.parse_overrides([arg])
+            overrides += parser.parse_overrides([arg])
         except Exception:  # Hydra has parsed the command line already; a flag's value lands here
             continue
+    return overrides
+
+
+def swept_keys(argv: list[str]) -> list[str]:
+    """The keys the command line sweeps over (seed=0,1; lr=range(...); x=choice(...))."""
+    return [o.key_or_group for o in parsed(argv) if o.is_sweep_override()]
+
+
+def expand(argv: list[str]) -> list[list[str]]:
+    """The jobs of a sweep, as Hydra's basic sweeper makes them: one override list per point of
+    the product of the swept values, the other overrides as they are."""
+    jobs: list[list[str]] = [[]]
+    for override in parsed(argv):
+        key = override.get_key_element()
         if override.is_sweep_override():
-            keys.append(override.key_or_group)
-    return keys
+            jobs = [job + [f"{key}={value}"] for job in jobs for value in override.sweep_string_iterator()]
+        else:
+            jobs = [job + [override.input_line] for job in jobs]
+    return jobs
 
 
 def job_name(job_overrides: list[str], keys: list[str]) -> str:
@@ -48,18 +63,26 @@ def job_name(job_overrides: list[str], keys: list[str]) -> str:
     return re.sub(r"[^\w.+\-]", "_", "+".join(parts))
 
 
-def job_config(cfg: DictConfig, job_overrides: list[str], argv: list[str]) -> tuple[DictConfig, Path]:
+def job_config(cfg: DictConfig, overrides: list[str], argv: list[str]) -> tuple[DictConfig, Path]:
     """(the job's config with run.dir set to its own dir and run.sweep_job to its name, the
     sweep root). A sweep over run.dir or run.name alone already separates its jobs."""
     root = Path(str(cfg.run.dir))
     keys = [k for k in swept_keys(argv) if k not in ("run.dir", "run.name")]
-    name = job_name(job_overrides, keys)
+    name = job_name(overrides, keys)
     if not name:
         return cfg, root
     with open_dict(cfg):
         cfg.run.dir = str(root / name)
         cfg.run.sweep_job = name
     return cfg, root
+
+
+def job_overrides(job: list[str], argv: list[str], root: Path) -> list[str]:
+    """A job's overrides as a command line that runs it alone, in its own run dir (SLURM)."""
+    name = job_name(job, [k for k in swept_keys(argv) if k not in ("run.dir", "run.name")])
+    if not name:
+        return job
+    return [*(o for o in job if not o.lstrip("+~").startswith("run.dir=")), f"run.dir={root / name}", f"run.sweep_job={name}"]
 
 
 def jobs_in(root: Path) -> list[Path]:

@@ -142,3 +142,32 @@ def test_resubmitting_skips_completed_stages(stubs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit", "--", "run.stages=[nope]"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown stage 'nope'" in proc.stderr and calls(log) == []
+
+
+def test_a_sweep_submits_one_chain_per_job_each_in_its_own_run_dir(stubs, tmp_path):
+    """`submit -- -m seed=0,1`: a chain per sweep point, named as `python -m pipeline -m` names
+    its jobs; a job run as submitted updates the sweep's summary in the root."""
+    env, log = stubs
+    root = tmp_path / "sweep"
+    overrides = ["-m", "seed=0,1", f"run.dir={root}", "run.stages=[pretrain,sft]", "preset=smoke"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit", "--", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    submitted = calls(log)
+    assert len(submitted) == 4
+    for n, (seed, stage) in enumerate([(0, "pretrain"), (0, "sft"), (1, "pretrain"), (1, "sft")]):
+        job = root / f"seed-{seed}"
+        assert f"PIPELINE_RUN_DIR={job}," in submitted[n]
+        assert submitted[n].endswith(f"seed={seed} preset=smoke run.dir={job} run.sweep_job=seed-{seed} run.stages=[{stage}]")
+        assert ("--dependency=afterok:" in submitted[n]) == (stage == "sft")
+
+    job_args = submitted[0].split(str(ROOT / "slurm" / "single_node.sbatch"))[1].split()
+    done = subprocess.run([sys.executable, "-m", "pipeline", *job_args, "trainer.report_to=none"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| [seed-0](seed-0/report.md) | pretrain completed |" in (root / "sweep.md").read_text()
+
+    bad = subprocess.run([sys.executable, "-m", "pipeline.slurm", "submit", "--", "-m", "seed=0,-1", f"run.dir={root}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "seed=-1" in bad.stderr
+    assert len(calls(log)) == 4  # a bad point submits nothing
