@@ -8,7 +8,9 @@ import textwrap
 
 import pytest
 
-from tests.conftest import run_cli
+from pipeline.errors import ConfigError
+from pipeline.runner import plan_stages
+from tests.conftest import compose_config, run_cli
 from tests.stages.test_kill_resume import assert_same_weights, run_until_checkpoint
 
 RECIPE = '''
@@ -117,21 +119,19 @@ def test_an_unknown_stage_lists_the_stages_found(package, tmp_path, monkeypatch)
     assert bad.returncode == 2 and "stages.polish.max_steps=0" in bad.stderr  # the config rules apply to it too
 
 
-@pytest.mark.parametrize("override, says", [
-    ("trainer.precision=fp16", "trainer.precision=fp16 needs a CUDA GPU"),
-    ("trainer.report_to=mlflow", "trainer.report_to=mlflow needs the mlflow package"),
-    ("optim=muon", None),  # the optimizer/launcher check runs for it too: muon without ZeRO is fine
-])
-def test_a_training_stage_from_a_package_gets_the_checks_a_built_in_one_gets(package, tmp_path, monkeypatch, override, says):
+def test_a_training_stage_from_a_package_gets_the_checks_a_built_in_one_gets(package, tmp_path, monkeypatch):
     """Its contract (USES optim and trainer) makes it a training stage: what the machine cannot run
     is refused before compute with exit 2, as for sft, and nothing is written."""
     monkeypatch.setenv("PYTHONPATH", str(package))
     args = ["preset=smoke", "run.stage_packages=[mystages]", "run.stages=[polish]", f"run.dir={tmp_path / 'run'}",
-            f"+stages.polish.init={tmp_path / 'nowhere'}", override]
-    done = run_cli(*args, check=False)
-    if says is None:
-        assert done.returncode == 2 and "stages.polish.init=" in done.stderr  # past the checks, to the missing input
-        return
+            f"+stages.polish.init={tmp_path / 'nowhere'}"]
+    done = run_cli(*args, "trainer.precision=fp16", check=False)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert says in done.stderr and "Traceback" not in done.stderr
+    assert "trainer.precision=fp16 needs a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+    monkeypatch.syspath_prepend(str(package))  # the same checks in this process: planning alone
+    with pytest.raises(ConfigError, match="trainer.report_to=mlflow needs the mlflow package"):
+        plan_stages(compose_config([*args, "trainer.report_to=mlflow"]), tmp_path / "run")
+    with pytest.raises(ConfigError, match="optim=muon cannot run under FSDP|stages.polish.init="):
+        plan_stages(compose_config([*args, "optim=muon"]), tmp_path / "run")  # past the optimizer check: the input

@@ -6,6 +6,10 @@ import json
 from pipeline.sweep import job_name, swept_keys
 from tests.conftest import run_cli
 
+# a few steps and problems: the sweep's mechanics, not its figures
+SHORT = ["stages.pretrain.max_steps=4", "stages.pretrain.save_steps=4", "stages.pretrain.eval_steps=4",
+         "stages.pretrain.eval_problems=2", "stages.pretrain.max_new_tokens=8"]
+
 
 def test_job_names_come_from_the_swept_overrides_only():
     argv = ["preset=smoke", "seed=0,1", "+stages.polish.lr=range(1,3)", "model.path=/a/b", "-m"]
@@ -17,7 +21,8 @@ def test_job_names_come_from_the_swept_overrides_only():
 
 def test_a_sweep_over_seeds_gives_each_job_its_run_dir_and_a_summary(tmp_path):
     root = tmp_path / "sweep"
-    args = ["-m", "preset=smoke", "run.stages=[pretrain]", "seed=0,1", f"run.dir={root}", "trainer.report_to=none"]
+    args = ["-m", "preset=smoke", "run.stages=[pretrain]", "seed=0,1", f"run.dir={root}", "trainer.report_to=none",
+            *SHORT]
     done = run_cli(*args)
     for seed in (0, 1):
         job = root / f"seed-{seed}"
@@ -38,7 +43,8 @@ def test_a_sweep_over_seeds_gives_each_job_its_run_dir_and_a_summary(tmp_path):
 
     # a job's final/ goes on as a later stage's input, unquoted on the command line
     later = run_cli("preset=smoke", "run.stages=[sft]", f"stages.sft.init={root}/seed-1/pretrain/final",
-                    f"run.dir={tmp_path / 'sft'}", "stages.sft.max_steps=2", "trainer.report_to=none")
+                    f"run.dir={tmp_path / 'sft'}", "stages.sft.max_steps=2", "stages.sft.eval_problems=2",
+                    "stages.sft.max_new_tokens=8", "trainer.report_to=none")
     assert "stage sft: completed" in later.stdout
 
     again = run_cli(*args)

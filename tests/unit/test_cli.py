@@ -4,6 +4,10 @@ task's default answer line reads files written on Windows."""
 
 import re
 
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.runner import plan_stages
 from tests.conftest import ROOT, compose_config, run_cli
 
 
@@ -17,12 +21,13 @@ def test_help_lists_the_config_groups_and_names_the_launch_configs_apart():
 
 
 def test_a_launch_config_named_as_a_group_is_explained(tmp_path):
-    for arg in ("accelerate=ddp", "+accelerate=ddp"):
-        done = run_cli(arg, "preset=smoke", "run.stages=[pretrain]", f"run.dir={tmp_path / 'run'}", check=False)
-        assert done.returncode == 2, arg
-        assert "conf/accelerate/ holds launch configs, not a config group" in done.stderr
-        assert "accelerate launch --config_file conf/accelerate/<name>.yaml -m pipeline" in done.stderr
-        assert not (tmp_path / "run").exists()
+    done = run_cli("accelerate=ddp", "preset=smoke", "run.stages=[pretrain]", f"run.dir={tmp_path / 'run'}", check=False)
+    assert done.returncode == 2
+    assert "conf/accelerate/ holds launch configs, not a config group" in done.stderr
+    assert "accelerate launch --config_file conf/accelerate/<name>.yaml -m pipeline" in done.stderr
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"\+accelerate=\.\.\.: conf/accelerate/ holds launch configs"):
+        plan_stages(compose_config(["+accelerate=ddp", "run.stages=[pretrain]"]), tmp_path / "run")  # merged in: refused
 
 
 def test_an_uncached_hub_name_offline_leaves_no_run_dir(tmp_path, monkeypatch):
