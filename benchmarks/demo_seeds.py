@@ -42,7 +42,10 @@ TARGETS = {
     "sft greedy >= pretrain greedy + 0.10": lambda f: f["sft greedy"] >= f["pretrain greedy"] + 0.10,
     "held-out grpo sampled >= sft sampled + 0.05": lambda f: f["held-out grpo sampled"] >= f["held-out sft sampled"] + 0.05,
     "test_time power >= sample + 0.05": lambda f: f["test_time power"] >= f["test_time sample"] + 0.05,
-    "chain span < 1200 s": lambda f: f[SPAN] < 1200,
+    "reward pairwise on-policy >= 0.80": lambda f: f["reward pairwise on-policy"] >= 0.80,
+    "best-of-N >= sample + 0.10": lambda f: f["test_time best_of_n"] >= f["test_time sample"] + 0.10,
+    "best-of-N >= majority vote - 0.02": lambda f: f["test_time best_of_n"] >= f["test_time majority_vote"] - 0.02,
+    "chain span < 720 s": lambda f: f[SPAN] < 720,
 }
 
 
@@ -100,6 +103,8 @@ def figures(run_dir: Path, held: dict, notes: list[str]) -> dict[str, float]:
     m = {s: read_json(run_dir / s / "metrics.json") for s in STAGES}
     wanted = [("pretrain greedy", "pretrain", "eval_accuracy"), ("sft greedy", "sft", "eval_accuracy"),
               ("sft sampled", "sft", "eval_accuracy_sampled"), ("reward pairwise", "reward", "eval_pairwise_accuracy"),
+              ("reward pairwise on-policy", "reward", "eval_pairwise_accuracy_on_policy"),
+              ("reward pairwise hard negatives", "reward", "eval_pairwise_accuracy_task"),
               ("dpo greedy", "dpo", "eval_accuracy"), ("dpo sampled", "dpo", "eval_accuracy_sampled"),
               ("grpo greedy", "grpo", "eval_accuracy"), ("grpo sampled", "grpo", "eval_accuracy_sampled")]
     f = {label: float(m[s][k]) for label, s, k in wanted if k in m[s]}

@@ -121,7 +121,7 @@ SEED = Rule("int", low=0, high=SEED_MAX)
 
 RULES: dict[str, Rule] = {
     # --- top level and run
-    "seed": SEED, "run.name": TEXT, "run.dir": TEXT, "run.stages": TEXTS, "run.force": BOOL, "run.stage_packages": TEXTS,
+    "seed": SEED, "run.name": TEXT, "run.dir": TEXT, "run.stages": TEXTS, "run.force": BOOL, "run.dry_run": BOOL, "run.stage_packages": TEXTS,
     "run.sweep_job": Rule("text", null="not a job of a sweep"),
     # --- every stage: sizes, steps, paths
     "init": PATH, "input_stage": Rule("names", null="start from the model group"),
@@ -134,7 +134,7 @@ RULES: dict[str, Rule] = {
     "block_size": COUNT, "num_samples": COUNT, "mcmc_steps": COUNT_OR_ZERO,
     "lr": LR, "adam_epsilon": Rule("number", low=0, low_open=True, null="falls back to optim.eps"),
     "gradient_checkpointing": BOOL, "packing": BOOL, "step_level": BOOL, "mask_truncated_completions": BOOL,
-    "use_vllm": BOOL, "train_only": TEXTS, "freeze": TEXTS, "methods": TEXTS,
+    "use_vllm": BOOL, "train_only": TEXTS, "freeze": TEXTS, "methods": Rule("names"),
     "sample_temperature": POSITIVE, "temperature": POSITIVE, "curve_temperature": POSITIVE,
     "zero_variance_weight": PROBABILITY,
     "pairs": TEXT, "loss_type": Rule("names"), "loss_weights": Rule("numbers", null="every loss weighs 1"),

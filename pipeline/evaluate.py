@@ -3,13 +3,16 @@ task's verifier. Greedy accuracy, sampled pass@1 and pass@k, and generated-token
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, set_seed
 
+from pipeline import artifacts, distributed
 from pipeline.log import log
 from pipeline.models import router_logits_off
 from pipeline.tasks.base import as_turns
@@ -160,16 +163,24 @@ class EvalSettings:
                    int(stage_cfg.eval_batch_size))
 
 
-def evaluate_policy(model, tokenizer, task, settings: EvalSettings, seed: int) -> dict[str, float]:
+def evaluate_policy(model, tokenizer, task, settings: EvalSettings, seed: int,
+                    samples_path: Path | None = None) -> dict[str, float]:
     """A policy stage's held-out numbers in the chat format: greedy accuracy and sampled
     (temperature 1) accuracy. The sampled figure is the mean over `settings.samples` samples per
-    problem (pass@1), which narrows its sampling noise."""
+    problem (pass@1), which narrows its sampling noise. With samples_path, every problem's greedy
+    answer and samples with their verdicts go there as JSON lines (main process)."""
     problems = task.eval_problems()[: settings.problems]
     options = dict(prompt_format="chat", max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     greedy = evaluate(model, tokenizer, task, problems, **options)
     set_seed(seed)
     samples = int(settings.samples)
     sampled = evaluate(model, tokenizer, task, problems, temperature=1.0, num_samples=samples, **options)
+    if samples_path is not None and distributed.is_main_process():
+        records = [{"problem": i, "prompt": p["prompt"], "answer": p.get("answer"),
+                    "greedy": {"text": g[0], "correct": task.verify(g[0], p["answer"]) >= 1.0},
+                    "samples": [{"text": t, "correct": task.verify(t, p["answer"]) >= 1.0} for t in row]}
+                   for i, (p, g, row) in enumerate(zip(problems, greedy.completions, sampled.completions))]
+        artifacts.write_text_atomic(samples_path, "".join(json.dumps(r) + "\n" for r in records))
     return {
         "eval_accuracy": greedy.accuracy,
         "eval_accuracy_sampled": sampled.accuracy,
@@ -179,11 +190,15 @@ def evaluate_policy(model, tokenizer, task, settings: EvalSettings, seed: int) -
     }
 
 
-def held_out_accuracy(model, tokenizer, task, settings: EvalSettings, seed: int, autocast, stage: str) -> dict[str, float]:
+EVAL_SAMPLES = "eval_samples.jsonl"  # in a policy stage's dir: its held-out answers, one problem a line
+
+
+def held_out_accuracy(model, tokenizer, task, settings: EvalSettings, seed: int, autocast, stage: str,
+                      samples_path: Path | None = None) -> dict[str, float]:
     """evaluate_policy under `autocast` (the stage's precision) when the task has eval problems
     with answers; else {} and a line saying so (a chat or preference set has none)."""
     if not task.has_split("eval"):
         log(f"stage {stage}: the task has no eval split (problems with answers): no answer accuracy")
         return {}
     with autocast:
-        return evaluate_policy(model, tokenizer, task, settings, seed)
+        return evaluate_policy(model, tokenizer, task, settings, seed, samples_path)

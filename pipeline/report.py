@@ -43,6 +43,10 @@ def write_report(run_dir: Path, stage_order: list[str], sweep_job: str | None = 
             head = f"| {stage} | {status} | {wall} " if i == 0 else "| | | "
             lines.append(f"{head}| {name} | {format_value(value)} |")
         plots += sorted((run_dir / stage).glob("*.png"))
+    samples = [f for stage in order for f in sorted((run_dir / stage).glob("*samples.jsonl"))]
+    if samples:  # each problem's answers with their verdicts (and test_time's candidates and picks)
+        lines += ["", "## Samples", ""]
+        lines += [f"- [{f.relative_to(run_dir)}]({f.relative_to(run_dir)})" for f in samples]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({p.relative_to(run_dir)})" for p in plots]

@@ -279,19 +279,19 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
     plans = plan_stages(cfg, run_dir)
     # one invocation per run dir: taken before anything is written there, released however
     # this ends (the lock file is removed only by the process that holds it)
+    if cfg.run.get("dry_run"):
+        task = checked_task(cfg, plans, run_dir)
+        for number, plan in enumerate(plans, 1):
+            action, checkpoint = prepare_stage_dir(plan, run_dir / plan.name, bool(cfg.run.force))
+            where = f" from {checkpoint.name}" if checkpoint else ""
+            log(f"dry run: stage {number}/{len(plans)} {plan.name}: would {action}{where} "
+                f"(input: {plan.input_path or 'model config'}; config {plan.config_hash})")
+        log(f"dry run: every check passed for {run_dir}; nothing was run or written")
+        return {}
     existed = run_dir.exists()
     held = lock.acquire_for_launch(run_dir)
     try:
-        try:
-            task = build_task(cfg.task)
-            task.validate(sorted({split for plan in plans for split in plan.stage.splits_read(task)}))
-        except (ValueError, FileNotFoundError) as err:
-            raise ConfigError(str(err)) from err
-        planned: dict[str, str] = {}
-        for plan in plans:
-            pending = pending_input(cfg.stages[plan.name], run_dir, planned)
-            plan.stage.check(cfg, task, None if pending else plan.input_path)
-            planned[plan.name] = plan.config_hash
+        task = checked_task(cfg, plans, run_dir)
 
         if distributed.is_main_process():
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -312,6 +312,22 @@ def run_pipeline(cfg: DictConfig) -> dict[str, dict]:
         if not existed and held is not None:
             with contextlib.suppress(OSError):  # not empty (a stage ran), or gone: leave it
                 run_dir.rmdir()  # refused before anything was written: leave no empty run dir behind
+
+
+def checked_task(cfg: DictConfig, plans: list[StagePlan], run_dir: Path) -> Task:
+    """The task with every split the stages read loaded and checked, and each stage's
+    check_data passed: the last checks before compute."""
+    try:
+        task = build_task(cfg.task)
+        task.validate(sorted({split for plan in plans for split in plan.stage.splits_read(task)}))
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from err
+    planned: dict[str, str] = {}
+    for plan in plans:
+        pending = pending_input(cfg.stages[plan.name], run_dir, planned)
+        plan.stage.check(cfg, task, None if pending else plan.input_path)
+        planned[plan.name] = plan.config_hash
+    return task
 
 
 def write_sweep_summary(root: Path) -> None:

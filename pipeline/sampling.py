@@ -462,8 +462,12 @@ class MethodResult:
     tokens_per_problem: float  # every generated token counted (all candidates, all proposals)
     wall_time_s: float
     num_problems: int
-    completions: list[str] = field(repr=False)
+    completions: list[str] = field(repr=False)  # the answer kept for each problem
     extras: dict[str, float] = field(default_factory=dict)
+    # majority_vote and best_of_n: each problem's candidates, the index kept, and (best_of_n) their scores
+    candidates: list[list[str]] | None = field(default=None, repr=False)
+    picks: list[int] | None = field(default=None, repr=False)
+    scores: list[list[float]] | None = field(default=None, repr=False)
 
 
 def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature: float, n: int, cache: dict | None,
@@ -518,15 +522,20 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
         texts, counts, drawing = _samples(model, tokenizer, prompts, settings, settings.sample_temperature,
                                           settings.num_samples, cache, before_batch)
         drawing -= time.perf_counter() - before  # the part of the drawing time not spent in this call
+        scores = None
         if method == "majority_vote":
             picks = [majority_vote([task.extract_answer(t) for t in candidates]) for candidates in texts]
         else:
             flat = score([p for p in problems for _ in range(settings.num_samples)],
                          [t for candidates in texts for t in candidates])
             n = settings.num_samples
-            picks = [best_of_n(flat[i * n : (i + 1) * n]) for i in range(len(problems))]
+            scores = [[float(x) for x in flat[i * n : (i + 1) * n]] for i in range(len(problems))]
+            picks = [best_of_n(row) for row in scores]
         chosen, cost = [c[k] for c, k in zip(texts, picks)], [sum(c) for c in counts]
     rewards = [task.verify(text, p["answer"]) for text, p in zip(chosen, problems)]
     n = max(len(problems), 1)
     wall = time.perf_counter() - start + drawing
-    return MethodResult(method, sum(rewards) / n, sum(cost) / n, wall, len(problems), chosen, extras)
+    result = MethodResult(method, sum(rewards) / n, sum(cost) / n, wall, len(problems), chosen, extras)
+    if method in ("majority_vote", "best_of_n"):
+        result.candidates, result.picks, result.scores = texts, picks, scores
+    return result

@@ -22,9 +22,9 @@ from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import is_conversational
 
-from pipeline import distributed, preemption, trainer_settings
+from pipeline import distributed, policy_pairs, preemption, trainer_settings
 from pipeline.adapters import build_peft_config
-from pipeline.evaluate import EvalSettings, generate, held_out_accuracy, render_prompts
+from pipeline.evaluate import EVAL_SAMPLES, EvalSettings, held_out_accuracy
 from pipeline.models import (
     check_trainable_scope, count_parameters, load_model, restrict_trainable, save_policy,
     set_router_aux_loss,
@@ -103,30 +103,7 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, s
 
 def check_data(cfg, task) -> None:
     """On-policy pairs judge the policy's samples of the rl prompts against their answers."""
-    if cfg.stages.dpo.pairs == "on_policy" and not (task.has_split("rl") and task.has_column("rl", "answer")):
-        raise ConfigError("stages.dpo.pairs=on_policy samples the policy on the task's rl prompts and judges them by "
-                          "their answers; the task has no rl split with an answer column. Set task.splits.rl (prompts "
-                          "with answers) or use stages.dpo.pairs=task")
-
-
-def on_policy_pairs(model, tokenizer, task, stage_cfg, seed: int) -> list[dict]:
-    """Pairs from the policy's own samples, judged by the task's verifier: per RL prompt,
-    `samples_per_prompt` completions at `sample_temperature`; correct ones are paired with
-    incorrect ones (as many pairs as the smaller side has). Prompts the policy gets all right
-    or all wrong give no pair."""
-    prompts = task.rl_prompts()[: stage_cfg.pair_prompts]
-    set_seed(seed)
-    texts, _ = generate(
-        model, tokenizer, render_prompts(tokenizer, task, [p["prompt"] for p in prompts], "chat"),
-        temperature=float(stage_cfg.sample_temperature), num_samples=int(stage_cfg.samples_per_prompt),
-        max_new_tokens=int(stage_cfg.max_new_tokens), batch_size=int(stage_cfg.eval_batch_size),
-    )
-    pairs = []
-    for problem, samples in zip(prompts, texts):
-        right = [t for t in samples if task.verify(t, problem["answer"]) >= 1.0]
-        wrong = [t for t in samples if task.verify(t, problem["answer"]) < 1.0]
-        pairs += [{"prompt": problem["prompt"], "chosen": c, "rejected": r} for c, r in zip(right, wrong)]
-    return pairs
+    policy_pairs.check_data("dpo", str(cfg.stages.dpo.pairs), task)
 
 
 def end_of_turn(tokenizer) -> str:
@@ -215,7 +192,8 @@ def run(ctx) -> dict[str, float]:
     if cfg.pairs == "on_policy":
         model = distributed.to_device_unless_sharded(model)
         with trainer_settings.autocast(ctx.cfg, ctx.name):
-            pairs = on_policy_pairs(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+            pairs, _ = policy_pairs.sample_pairs(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+        pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
         log(f"stage dpo: {len(pairs)} on-policy pairs from {cfg.pair_prompts} prompts x {cfg.samples_per_prompt} samples")
         if not pairs:
             raise RuntimeError("the policy's samples gave no (correct, incorrect) pair; raise stages.dpo.pair_prompts, "
@@ -232,7 +210,8 @@ def run(ctx) -> dict[str, float]:
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
     accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.cfg.seed,
-                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name)
+                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name,
+                                 ctx.stage_dir / EVAL_SAMPLES)
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", f"dpo loss ({', '.join(args.loss_type)}, beta={args.beta})")

@@ -28,7 +28,7 @@ from trl import GRPOConfig
 
 from pipeline import distributed, preemption, rewards, trainer_settings
 from pipeline.adapters import build_peft_config
-from pipeline.evaluate import EvalSettings, evaluate, held_out_accuracy
+from pipeline.evaluate import EVAL_SAMPLES, EvalSettings, evaluate, held_out_accuracy
 from pipeline.models import (
     check_trainable_scope, count_parameters, load_model, restrict_trainable,
     save_policy, set_router_aux_loss,
@@ -240,7 +240,8 @@ def run(ctx) -> dict[str, float]:
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
     accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.cfg.seed,
-                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name)
+                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name,
+                                 ctx.stage_dir / EVAL_SAMPLES)
 
     metrics = {
         **accuracy,

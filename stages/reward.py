@@ -1,13 +1,18 @@
-"""Stage `reward`: a Bradley-Terry reward model on the task's preference pairs.
+"""Stage `reward`: a Bradley-Terry reward model on preference pairs.
 
 The SFT checkpoint's backbone gets a one-output sequence-classification head (transformers'
 AutoModelForSequenceClassification: the score is read at the last non-padding token) and is
 trained by TRL's RewardTrainer with the pairwise loss -log sigmoid(r(chosen) - r(rejected)).
 Pairs are conversations, [user: prompt, assistant: chosen|rejected], in the input's chat
-template; for the default task the rejected answer is a hard negative (one step off by 1, 2
-or 10, carried through the later steps). Full fine-tuning or peft=lora (the head trains in
-full); final/ is a plain checkpoint that AutoModelForSequenceClassification loads, scored with
-pipeline.reward_model by grpo and test_time.
+template. `pairs` says where they come from: `task`, the task's preference split (for the
+default task the rejected answer is a hard negative: one step off by 1, 2 or 10, carried
+through the later steps); `on_policy`, the input policy's own samples of the rl prompts, a
+verified-correct one over a wrong one of the same prompt (pipeline/policy_pairs.py: a verifier
+trained on the mistakes this policy makes, which is what best-of-N over its samples needs);
+`mix`, both. Held out: the task's last eval_pairs pairs, and with on-policy pairs whole prompts'
+pairs (at least eval_pairs); each set's pairwise accuracy is reported. Full fine-tuning or
+peft=lora (the head trains in full); final/ is a plain checkpoint that
+AutoModelForSequenceClassification loads, scored with pipeline.reward_model by grpo and test_time.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from pipeline import distributed, preemption, trainer_settings
+from pipeline import distributed, policy_pairs, preemption, trainer_settings
 from pipeline.adapters import build_peft_config
-from pipeline.models import count_parameters, save_policy, set_router_aux_loss
+from pipeline.log import log
+from pipeline.models import count_parameters, load_model, save_policy, set_router_aux_loss
 from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
@@ -31,6 +37,7 @@ from pipeline.errors import ConfigError
 from pipeline.tasks import conversational_pairs
 
 SPLITS = ("preference",)
+OPTIONAL_SPLITS = ("rl",)  # the prompts of on-policy pairs (pairs=on_policy|mix needs it)
 USES = ("task", "optim", "peft", "trainer")
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 PEFT_METHODS = ("none", "lora")
@@ -46,6 +53,43 @@ def validate(cfg, input_path: Path | None) -> None:
         )
     if stage.eval_pairs < 1:
         raise ConfigError(f"stages.reward.eval_pairs={stage.eval_pairs}: hold out at least 1 pair for the pairwise accuracy")
+    if stage.pairs not in policy_pairs.SOURCES:
+        raise ConfigError(f"stages.reward.pairs={stage.pairs!r} is unknown; valid: {', '.join(policy_pairs.SOURCES)}")
+
+
+def check_data(cfg, task) -> None:
+    """On-policy pairs judge the policy's samples of the rl prompts against their answers."""
+    policy_pairs.check_data("reward", str(cfg.stages.reward.pairs), task)
+
+
+def training_pairs(ctx, tokenizer) -> tuple[Dataset, dict[str, Dataset], dict[str, float]]:
+    """(train, held-out sets by name, counts): the task's pairs (`task`: the last eval_pairs held
+    out) and, for pairs=on_policy|mix, pairs from the input policy's samples (`on_policy`: whole
+    prompts held out). The policy is loaded for the sampling only."""
+    cfg = ctx.stage_cfg
+    task_train, task_eval = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
+    if cfg.pairs == "task":
+        return task_train, {"task": task_eval}, {}
+    policy = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code),
+                        dtype=trainer_settings.forward_dtype(ctx.cfg, ctx.name))  # forward only
+    policy = distributed.to_device_unless_sharded(policy)
+    with trainer_settings.autocast(ctx.cfg, ctx.name):
+        pairs, counts = policy_pairs.sample_pairs(policy, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    del policy
+    train, held = policy_pairs.split_by_prompt(pairs, int(cfg.eval_pairs))
+    log(f"stage reward: {len(pairs)} on-policy pairs ({counts['correct']} of {counts['samples']} samples correct; "
+        f"{counts['prompts_with_pairs']} of {counts['prompts']} prompts gave a pair): {len(train)} to train on, "
+        f"{len(held)} held out")
+    if not train or not held:
+        raise RuntimeError(f"the policy's samples gave {len(pairs)} (correct, wrong) pairs, too few to train on and hold "
+                           "out; raise stages.reward.pair_prompts, samples_per_prompt or sample_temperature, or use "
+                           "stages.reward.pairs=task")
+    strip = lambda rows: [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]  # noqa: E731
+    on_train, on_eval = conversational_pairs(strip(train), 0)[0], conversational_pairs(strip(held), 0)[0]
+    if cfg.pairs == "mix":
+        on_train = concatenate_datasets([task_train, on_train]).shuffle(seed=int(ctx.cfg.seed))
+    numbers = {"pairs_on_policy": len(pairs), "pair_samples_correct": counts["correct"] / max(counts["samples"], 1)}
+    return on_train, {"on_policy": on_eval, "task": task_eval}, numbers
 
 
 
@@ -65,6 +109,8 @@ def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
     trust = bool(ctx.cfg.model.trust_remote_code)
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
+    train_data, evals, pair_counts = training_pairs(ctx, tokenizer)  # before the model: one model in memory at a time
+    eval_data = evals.get("on_policy", evals["task"])  # the trainer's eval_loss: the kind it trains on
     # the score head is new: seeded by RewardTrainer (set_seed(args.seed)) only for string models
     torch.manual_seed(ctx.cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -73,7 +119,6 @@ def run(ctx) -> dict[str, float]:
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     set_router_aux_loss(model, False)  # the sequence-classification head adds no aux loss
-    train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
     lr = learning_rate(cfg, ctx.cfg.peft)
     args = RewardConfig(
         output_dir=str(ctx.stage_dir),
@@ -104,12 +149,15 @@ def run(ctx) -> dict[str, float]:
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
 
     with trainer_settings.autocast(ctx.cfg, ctx.name):
-        chosen, rejected = pairwise_scores(model.eval(), tokenizer, eval_data, cfg.batch_size)
+        scores = {name: pairwise_scores(model.eval(), tokenizer, data, cfg.batch_size) for name, data in evals.items()}
+    accuracy = {f"eval_pairwise_accuracy_{name}": (c - r > 0).float().mean().item() for name, (c, r) in scores.items()}
+    chosen, rejected = scores["on_policy" if "on_policy" in scores else "task"]
     margin = chosen - rejected
-    # per kind of rejected answer, where the task labels them (arithmetic: carried, step, digit)
-    kinds = [p.get("kind") for p in ctx.task.preference_pairs()[-len(eval_data) :]]
+    # per kind of rejected answer in the task's pairs, where the task labels them (arithmetic: carried, step, digit)
+    task_margin = scores["task"][0] - scores["task"][1]
+    kinds = [p.get("kind") for p in ctx.task.preference_pairs()[-len(evals["task"]) :]]
     by_kind = {
-        f"eval_pairwise_accuracy/{kind}": (margin[[k == kind for k in kinds]] > 0).float().mean().item()
+        f"eval_pairwise_accuracy/{kind}": (task_margin[[k == kind for k in kinds]] > 0).float().mean().item()
         for kind in sorted({k for k in kinds if k})
     }
     log_history = trainer.state.log_history
@@ -118,7 +166,9 @@ def run(ctx) -> dict[str, float]:
     first_loss, last_loss = first_and_last_loss(log_history)
     train_accuracy = next((e["accuracy"] for e in reversed(log_history) if "accuracy" in e), float("nan"))
     return {
+        # the held-out pairs of the kind it trains on: on-policy ones when it samples them
         "eval_pairwise_accuracy": (margin > 0).float().mean().item(),
+        **accuracy,
         "eval_loss": eval_metrics["eval_loss"],
         **by_kind,
         "eval_reward_margin": margin.mean().item(),
@@ -130,6 +180,7 @@ def run(ctx) -> dict[str, float]:
         "train_pairwise_accuracy": train_accuracy,
         "train_steps": trainer.state.global_step,
         "train_pairs": len(train_data),
+        **pair_counts,
         "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
         "trainable_parameters": trainable,
         "total_parameters": total,

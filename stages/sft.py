@@ -26,7 +26,7 @@ from trl.data_utils import common_prefix_length
 
 from pipeline import distributed, preemption, trainer_settings
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config
-from pipeline.evaluate import EvalSettings, held_out_accuracy
+from pipeline.evaluate import EVAL_SAMPLES, EvalSettings, held_out_accuracy
 from pipeline.models import (
     count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
 )
@@ -231,7 +231,8 @@ def run(ctx) -> dict[str, float]:
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
     accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.cfg.seed,
-                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name)
+                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name,
+                                 ctx.stage_dir / EVAL_SAMPLES)
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", "sft loss (response tokens)")

@@ -31,17 +31,41 @@ from pipeline.tokenizer import load_chat_tokenizer
 SPLITS = ("eval",)
 USES = ("task", "trainer")
 WRITES_FINAL = False
+AUTO = "auto"  # methods: every method the run can score
 BEST_OF_N_REWARDS = ("reward_model",)  # the built-in best_of_n offers, beside the user's functions
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE")
 
 
+def chosen_methods(cfg) -> tuple[list[str], str | None]:
+    """(the methods to run, why best_of_n was left out or None). `auto`: every method the run can
+    score, so best_of_n only with a reward (the reward stage runs before test_time or has
+    completed, a reward_model path, or a function of yours); a list is taken as it is."""
+    stage = cfg.stages.test_time
+    if isinstance(stage.methods, str):
+        if stage.methods != AUTO:
+            raise ConfigError(f"stages.test_time.methods={stage.methods}: must be {AUTO} or a list of methods from "
+                              f"{', '.join(METHODS)}")
+        try:
+            check_best_of_n(cfg)
+            return list(METHODS), None
+        except ConfigError as err:
+            return [m for m in METHODS if m != "best_of_n"], str(err)
+    return list(stage.methods), None
+
+
+def check_best_of_n(cfg) -> None:
+    rewards.check(cfg.stages.test_time, "test_time", list(cfg.run.stages), Path(str(cfg.run.dir)).expanduser(),
+                  BEST_OF_N_REWARDS, why_not=" (correct and math read the reference answer: best-of-N by it is pass@N; "
+                                             "format is grpo's)")
+
+
 def validate(cfg, input_path: Path | None) -> None:
     stage = cfg.stages.test_time
-    methods = list(stage.methods)
+    methods, _ = chosen_methods(cfg)
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown or len(set(methods)) != len(methods):
         raise ConfigError(
-            f"stages.test_time.methods={methods}: list each method once, from {', '.join(METHODS)}"
+            f"stages.test_time.methods={methods}: list each method once, from {', '.join(METHODS)}, or {AUTO}"
         )
     checks = {
         "alpha": stage.alpha >= 1.0, "mcmc_steps": stage.mcmc_steps >= 0, "block_size": stage.block_size >= 1,
@@ -54,9 +78,7 @@ def validate(cfg, input_path: Path | None) -> None:
             raise ConfigError(f"stages.test_time.{name}={stage[name]} is out of range "
                               "(alpha >= 1, mcmc_steps >= 0, temperature > 0, the rest >= 1)")
     if "best_of_n" in methods:
-        rewards.check(stage, "test_time", list(cfg.run.stages), Path(str(cfg.run.dir)).expanduser(), BEST_OF_N_REWARDS,
-                      why_not=" (correct and math read the reference answer: best-of-N by it is pass@N; format "
-                              "is grpo's)")
+        check_best_of_n(cfg)
     if input_path is None:
         return
     if "power" in methods and is_adapter_checkpoint(input_path):
@@ -76,7 +98,7 @@ def validate(cfg, input_path: Path | None) -> None:
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     """Part of the config hash when best_of_n runs: the user's reward function sources and the
     reward model's identity (a new reward model in the run reruns test_time)."""
-    if "best_of_n" not in cfg.stages.test_time.methods:
+    if "best_of_n" not in chosen_methods(cfg)[0]:
         return None
     return rewards.fingerprint(cfg.stages.test_time, run_dir, planned)
 
@@ -122,6 +144,32 @@ def plot_methods(results: list[MethodResult], path: Path) -> None:
     plt.close(fig)
 
 
+SAMPLES_FILE = "samples.jsonl"
+
+
+def sample_records(results: list[MethodResult], problems: list[dict], task) -> list[dict]:
+    """One record per problem: its prompt and reference answer, the candidates that majority
+    vote and best-of-N chose among (each with its extracted answer, verdict and reward), and
+    what each method kept, so a figure can be checked by reading the file."""
+    records = []
+    for i, problem in enumerate(problems):
+        record = {"problem": i, "prompt": problem["prompt"], "answer": problem.get("answer"), "methods": {}}
+        for r in results:
+            kept = {"text": r.completions[i], "correct": task.verify(r.completions[i], problem["answer"]) >= 1.0}
+            if r.picks is not None:
+                kept["pick"] = r.picks[i]
+                if "candidates" not in record:
+                    record["candidates"] = [{"text": t, "answer": task.extract_answer(t),
+                                             "correct": task.verify(t, problem["answer"]) >= 1.0}
+                                            for t in r.candidates[i]]
+            if r.scores is not None:
+                for candidate, reward in zip(record["candidates"], r.scores[i]):
+                    candidate["reward"] = reward
+            record["methods"][r.method] = kept
+        records.append(record)
+    return records
+
+
 def stop_if_preempted(run_dir: Path, method: str) -> None:
     """Between generation batches: a SIGUSR1/SIGTERM or the .preempt flag file stops the stage
     (exit 75, as a training stage at a step). It keeps no partial results: the rerun evaluates
@@ -137,7 +185,9 @@ def run(ctx) -> dict[str, float]:
     dtype = trainer_settings.forward_dtype(ctx.cfg, ctx.name)  # test_time only runs forward
     model = load_policy(ctx.input_path.resolve(), trust, dtype).to(distributed.state().device)
     settings = settings_from(cfg, ctx.cfg.seed)
-    methods = list(cfg.methods)
+    methods, left_out = chosen_methods(ctx.cfg)
+    if left_out:
+        log(f"stage test_time: best_of_n left out of methods=auto: no reward to rank candidates by ({left_out})")
     score = None
     if "best_of_n" in methods:
         funcs, weights = rewards.build(cfg, "test_time", ctx.task, ctx.run_dir, trust, settings.batch_size, dtype)
@@ -157,6 +207,10 @@ def run(ctx) -> dict[str, float]:
         metrics[f"wall_time_s/{r.method}"] = round(r.wall_time_s, 2)
         metrics.update({f"{name}/{r.method}": value for name, value in r.extras.items()})
     if distributed.is_main_process():
-        artifacts.write_text_atomic(ctx.stage_dir / STAGE_SUMMARY, summary_table(results, settings))
+        lines = [json.dumps(record) for record in sample_records(results, problems, ctx.task)]
+        artifacts.write_text_atomic(ctx.stage_dir / SAMPLES_FILE, "\n".join(lines) + "\n")
+        artifacts.write_text_atomic(ctx.stage_dir / STAGE_SUMMARY, summary_table(results, settings)
+                                    + f"\nEvery problem's candidates and what each method kept: [{SAMPLES_FILE}]"
+                                      f"({ctx.name}/{SAMPLES_FILE})\n")
         plot_methods(results, ctx.stage_dir / "methods.png")
     return metrics

@@ -104,38 +104,6 @@ def test_bad_dpo_config_is_refused(overrides, message):
         dpo.validate(compose_config(["preset=smoke", *overrides]), None)
 
 
-class FakeTask:
-    def rl_prompts(self):
-        return [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2", "answer": "4"}, {"prompt": "3+3", "answer": "6"}]
-
-    def verify(self, completion, answer):
-        return 1.0 if completion == f"A: {answer}" else 0.0
-
-
-def test_on_policy_pairs_put_verified_answers_over_wrong_ones(monkeypatch):
-    samples = [
-        ["A: 2", "A: 3", "A: 2", "oops"],  # two right, two wrong: two pairs
-        ["A: 4", "A: 4", "A: 4", "A: 4"],  # all right: no pair
-        ["A: 5", "A: 7", "A: 6", "A: 8"],  # one right: one pair
-    ]
-    seen = {}
-
-    def fake_generate(model, tokenizer, prompts, *, temperature, num_samples, max_new_tokens, batch_size):
-        seen.update(prompts=prompts, temperature=temperature, num_samples=num_samples)
-        return samples, [[4] * 4] * 3
-
-    monkeypatch.setattr(dpo, "generate", fake_generate)
-    monkeypatch.setattr(dpo, "render_prompts", lambda tokenizer, task, prompts, fmt: [f"<{p}>" for p in prompts])
-    cfg = compose_config(["preset=smoke", "stages.dpo.pair_prompts=3", "stages.dpo.samples_per_prompt=4"]).stages.dpo
-    pairs = dpo.on_policy_pairs(None, None, FakeTask(), cfg, seed=0)
-    assert seen == {"prompts": ["<1+1>", "<2+2>", "<3+3>"], "temperature": 1.0, "num_samples": 4}
-    assert pairs == [
-        {"prompt": "1+1", "chosen": "A: 2", "rejected": "A: 3"},
-        {"prompt": "1+1", "chosen": "A: 2", "rejected": "oops"},
-        {"prompt": "3+3", "chosen": "A: 6", "rejected": "A: 5"},
-    ]
-
-
 def test_step_level_pairs_stop_at_the_first_line_that_parts_them():
     tokenizer = train_tokenizer(["Q: 12+34-5=?\n12+34=46\n46-5=41\nA: 41\n"] * 20, 300)
     head = tokenizer.apply_chat_template([{"role": "user", "content": "12+34-5=?"}], tokenize=False, add_generation_prompt=True)

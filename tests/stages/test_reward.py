@@ -95,3 +95,58 @@ def test_reward_refuses_prompt_learning_before_compute(smoke_chain_run, tmp_path
     assert "peft=prefix with stage reward" in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "reward").exists()
 
+
+
+@pytest.fixture
+def pipeline_process(monkeypatch):
+    """run_pipeline in this process installs the preemption handlers; give pytest its own back."""
+    import signal
+
+    from pipeline import preemption
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    monkeypatch.setattr(preemption, "_requested", False)
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("pairs", ["on_policy", "mix"])
+def test_on_policy_pairs_train_the_reward_model_and_both_accuracies_are_reported(
+        smoke_chain_run, tmp_path, monkeypatch, pipeline_process, pairs):
+    """The smoke policy is never right, so its sampler is replaced by one that answers each rl
+    prompt right twice and wrong twice: every prompt gives two (correct, wrong) pairs. The reward
+    model trains on them (with the task's pairs too for mix); held-out prompts are not trained on,
+    and metrics.json reports the on-policy and the task-pair accuracy apart."""
+    from pipeline import policy_pairs
+    from pipeline.runner import run_pipeline
+    from tests.conftest import compose_config
+
+    overrides = ["preset=smoke", f"run.dir={tmp_path / 'run'}", "run.stages=[reward]", "trainer.report_to=none",
+                 f"stages.reward.init={smoke_chain_run / 'sft' / 'final'}", f"stages.reward.pairs={pairs}",
+                 "stages.reward.pair_prompts=24", "stages.reward.samples_per_prompt=4", "stages.reward.eval_pairs=8"]
+    cfg = compose_config(overrides)
+    from pipeline.tasks import build_task
+
+    answers = {p["prompt"]: p["answer"] for p in build_task(cfg.task).rl_prompts()[:24]}
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, *, temperature, num_samples, max_new_tokens, batch_size, **_):
+        texts = []
+        for rendered in prompts:
+            answer = int(next(a for q, a in answers.items() if q in rendered))
+            texts.append([f"A: {answer}", f"A: {answer + 1}", f"A: {answer}", f"A: {answer - 10}"])
+        seen.append(len(prompts))
+        return texts, [[4] * num_samples for _ in prompts]
+
+    monkeypatch.setattr(policy_pairs, "generate", fake_generate)
+    run_pipeline(cfg)
+    result = metrics(tmp_path / "run" / "reward")
+    assert sum(seen) == 24
+    assert result["pairs_on_policy"] == 48 and result["pair_samples_correct"] == 0.5
+    held_out = 8  # whole prompts (2 pairs each) from the end: 4 prompts
+    task_pairs = len(build_task(cfg.task).preference_pairs()) - cfg.stages.reward.eval_pairs
+    assert result["train_pairs"] == 48 - held_out + (task_pairs if pairs == "mix" else 0)
+    assert {"eval_pairwise_accuracy_on_policy", "eval_pairwise_accuracy_task"} <= result.keys()
+    assert result["eval_pairwise_accuracy"] == result["eval_pairwise_accuracy_on_policy"]
+    assert result["eval_num_pairs"] == held_out

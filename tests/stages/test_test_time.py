@@ -102,10 +102,11 @@ def test_bad_methods_and_reward_model_fail_before_compute(tmp_path):
     with pytest.raises(ConfigError, match=r"stages.test_time.alpha=0.5 is out of range"):
         plan_test_time(tmp_path, "stages.test_time.alpha=0.5", stages=chain)
     plan_test_time(tmp_path, "stages.test_time.methods=[greedy]", stages=chain)  # fine
-    # best_of_n scores with this run's reward model (auto): no reward stage is an error, as in grpo
+    # best_of_n listed scores with this run's reward model (auto): no reward stage is an error, as in grpo
     with pytest.raises(ConfigError, match=r"stages.test_time scores with the reward model and "
                                           r"stages.test_time.reward_model=auto reads .*reward/final, which does not exist"):
-        plan_test_time(tmp_path, stages=chain)
+        plan_test_time(tmp_path, "stages.test_time.methods=[greedy,best_of_n]", stages=chain)
+    plan_test_time(tmp_path, stages=chain)  # methods=auto (the default): best_of_n is left out
     plan_test_time(tmp_path, stages="[pretrain,sft,reward,test_time]")  # fine
     with pytest.raises(ConfigError, match=r"unknown rewards \['correct'\]; valid: reward_model .*best-of-N by it is pass@N"):
         plan_test_time(tmp_path, "+stages.test_time.reward_weights.correct=1", stages=chain)
@@ -134,3 +135,37 @@ def test_prompt_tuning_final_through_every_method(chain_run, tmp_path):
     result = metrics(out_dir / "test_time")
     assert result["tokens_per_problem/power"] > result["tokens_per_problem/greedy"] > 0
     assert 0.0 < result["acceptance_rate/power"] <= 1.0
+
+
+def test_auto_methods_leave_best_of_n_out_without_a_reward_and_samples_show_each_pick(chain_run, tmp_path):
+    """methods=auto on a run with no reward: every other method, one line saying why; the
+    samples file has each problem's candidates with verdicts and what each method kept."""
+    run_dir, _ = chain_run
+    done = run_cli("preset=smoke", f"run.dir={tmp_path / 'run'}", "run.stages=[test_time]",
+                   f"stages.test_time.init={run_dir / 'sft' / 'final'}", "stages.test_time.eval_problems=3")
+    assert "best_of_n left out of methods=auto: no reward to rank candidates by" in done.stdout
+    assert "add reward to run.stages" in done.stdout
+    result = metrics(tmp_path / "run" / "test_time")
+    assert {k.split("/")[1] for k in result if k.startswith("accuracy/")} == set(METHODS_WITHOUT_REWARD)
+    records = [json.loads(line) for line in (tmp_path / "run" / "test_time" / "samples.jsonl").read_text().splitlines()]
+    assert [r["problem"] for r in records] == [0, 1, 2]
+    for record in records:
+        assert set(record["methods"]) == set(METHODS_WITHOUT_REWARD)
+        assert len(record["candidates"]) == 3  # preset=smoke: num_samples
+        assert record["methods"]["majority_vote"]["text"] == record["candidates"][record["methods"]["majority_vote"]["pick"]]["text"]
+        assert all(set(c) == {"text", "answer", "correct"} for c in record["candidates"])
+    accuracy = sum(r["methods"]["greedy"]["correct"] for r in records) / 3
+    assert accuracy == result["accuracy/greedy"]
+    assert "test_time/samples.jsonl" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_best_of_n_keeps_the_candidate_with_the_highest_reward_in_the_samples_file(smoke_chain_run):
+    records = [json.loads(line) for line in (smoke_chain_run / "test_time" / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == metrics(smoke_chain_run / "test_time")["eval_num_problems"]
+    for record in records:
+        rewards = [c["reward"] for c in record["candidates"]]
+        pick = record["methods"]["best_of_n"]["pick"]
+        assert rewards[pick] == max(rewards) and rewards.index(max(rewards)) == pick
+    sft = [json.loads(line) for line in (smoke_chain_run / "sft" / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(sft) == metrics(smoke_chain_run / "sft")["eval_num_problems"]
+    assert sum(r["greedy"]["correct"] for r in sft) / len(sft) == metrics(smoke_chain_run / "sft")["eval_accuracy"]
