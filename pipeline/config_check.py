@@ -167,6 +167,7 @@ RULES: dict[str, Rule] = {
     "peft.method": TEXT, "peft.lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"), "peft.rank": COUNT,
     "peft.alpha": POSITIVE, "peft.dropout": FRACTION, "peft.target_modules": TEXTS, "peft.target_parameters": TEXTS,
     "peft.tiny_lr": Rule("mapping"),  # the tiny models' presets: lr per method
+    "peft.tiny_train_only": Rule("any"),  # the tiny models' presets: grpo's train_only per method
     "peft.num_virtual_tokens": COUNT, "peft.init": Rule("choice", choices=("random", "sample_vocab")),
     # --- task (arithmetic)
     "task.name": TEXT, "task.seed": SEED, "task.min_operands": Rule("int", low=2), "task.max_operands": Rule("int", low=2),

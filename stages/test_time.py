@@ -49,6 +49,8 @@ def chosen_methods(cfg) -> tuple[list[str], str | None]:
             check_best_of_n(cfg)
             return list(METHODS), None
         except ConfigError as err:
+            if str(stage.reward_model) != rewards.AUTO or set(rewards.active(stage)) != {"reward_model"}:
+                raise  # a reward the user set up that does not work is an error, not a reason to leave it out
             return [m for m in METHODS if m != "best_of_n"], str(err)
     return list(stage.methods), None
 

@@ -17,7 +17,7 @@ import pytest
 from pipeline import preemption, sweep
 from pipeline.runner import run_pipeline
 from tests.conftest import ROOT, compose_config
-from tests.stages.test_gsm8k import write_gsm8k
+from tests.stages.test_gsm8k import gsm8k_row
 from tests.tiny_models import save_tiny_family
 
 FAMILIES = ("qwen3", "qwen3_moe", "llama3", "smollm2")
@@ -57,16 +57,19 @@ def stand_ins(tmp_path_factory, smoke_chain_run) -> dict:
     root = tmp_path_factory.mktemp("readme")
     models = {family: save_tiny_family(family, root / family) for family in FAMILIES}
     data = root / "data"
-    gsm8k = write_gsm8k(data / "gsm8k")
+    gsm8k = data / "gsm8k"  # openai/gsm8k's schema, as many rows as the stage defaults hold out and more
+    gsm8k.mkdir(parents=True)
+    (gsm8k / "train.jsonl").write_text("\n".join(json.dumps(gsm8k_row(a, b)) for a in range(10, 110) for b in (3, 7, 9, 11)))
+    (gsm8k / "test.jsonl").write_text("\n".join(json.dumps(gsm8k_row(a, 11)) for a in range(100, 200)))
     chat = data / "ultrachat.jsonl"
     chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
                                                        {"role": "assistant", "content": f"hello {i}"}]})
-                              for i in range(40)))
+                              for i in range(400)))
     preference = data / "ultrafeedback.jsonl"
     preference.write_text("\n".join(json.dumps({
         "chosen": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": f"{i + 1}"}],
         "rejected": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": f"{i + 2}"}],
-    }) for i in range(300)))
+    }) for i in range(600)))
     (root / "data.jsonl").write_text("\n".join(json.dumps({"text": f"Q: {i}+1=?\nA: {i + 1}"}) for i in range(50)))
     (root / "eval.jsonl").write_text("\n".join(json.dumps({"prompt": f"{i}+2=?", "answer": str(i + 2)}) for i in range(50)))
     sweep_job = root / "outputs" / "seeds" / "seed-1" / "sft"
