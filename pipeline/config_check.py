@@ -134,7 +134,7 @@ RULES: dict[str, Rule] = {
     "block_size": COUNT, "num_samples": COUNT, "mcmc_steps": COUNT_OR_ZERO,
     "lr": LR, "adam_epsilon": Rule("number", low=0, low_open=True, null="falls back to optim.eps"),
     "gradient_checkpointing": BOOL, "packing": BOOL, "step_level": BOOL, "mask_truncated_completions": BOOL,
-    "use_vllm": BOOL, "train_only": TEXTS, "freeze": TEXTS, "methods": Rule("names"),
+    "use_vllm": BOOL, "train_only": TEXTS, "freeze": TEXTS, "train_only_by_peft": Rule("any"), "methods": Rule("names"),
     "sample_temperature": POSITIVE, "temperature": POSITIVE, "curve_temperature": POSITIVE,
     "zero_variance_weight": PROBABILITY,
     "pairs": TEXT, "loss_type": Rule("names"), "loss_weights": Rule("numbers", null="every loss weighs 1"),
@@ -167,7 +167,7 @@ RULES: dict[str, Rule] = {
     "peft.method": TEXT, "peft.lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"), "peft.rank": COUNT,
     "peft.alpha": POSITIVE, "peft.dropout": FRACTION, "peft.target_modules": TEXTS, "peft.target_parameters": TEXTS,
     "peft.tiny_lr": Rule("mapping"),  # the tiny models' presets: lr per method
-    "peft.tiny_train_only": Rule("any"),  # the tiny models' presets: grpo's train_only per method
+
     "peft.num_virtual_tokens": COUNT, "peft.init": Rule("choice", choices=("random", "sample_vocab")),
     # --- task (arithmetic)
     "task.name": TEXT, "task.seed": SEED, "task.min_operands": Rule("int", low=2), "task.max_operands": Rule("int", low=2),

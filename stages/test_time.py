@@ -36,7 +36,7 @@ BEST_OF_N_REWARDS = ("reward_model",)  # the built-in best_of_n offers, beside t
 PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE")
 
 
-def chosen_methods(cfg) -> tuple[list[str], str | None]:
+def chosen_methods(cfg, run_dir: Path) -> tuple[list[str], str | None]:
     """(the methods to run, why best_of_n was left out or None). `auto`: every method the run can
     score, so best_of_n only with a reward (the reward stage runs before test_time or has
     completed, a reward_model path, or a function of yours); a list is taken as it is."""
@@ -46,7 +46,7 @@ def chosen_methods(cfg) -> tuple[list[str], str | None]:
             raise ConfigError(f"stages.test_time.methods={stage.methods}: must be {AUTO} or a list of methods from "
                               f"{', '.join(METHODS)}")
         try:
-            check_best_of_n(cfg)
+            check_best_of_n(cfg, run_dir)
             return list(METHODS), None
         except ConfigError as err:
             if str(stage.reward_model) != rewards.AUTO or set(rewards.active(stage)) != {"reward_model"}:
@@ -55,15 +55,16 @@ def chosen_methods(cfg) -> tuple[list[str], str | None]:
     return list(stage.methods), None
 
 
-def check_best_of_n(cfg) -> None:
-    rewards.check(cfg.stages.test_time, "test_time", list(cfg.run.stages), Path(str(cfg.run.dir)).expanduser(),
+def check_best_of_n(cfg, run_dir: Path) -> None:
+    rewards.check(cfg.stages.test_time, "test_time", list(cfg.run.stages), run_dir,
                   BEST_OF_N_REWARDS, why_not=" (correct and math read the reference answer: best-of-N by it is pass@N; "
                                              "format is grpo's)")
 
 
 def validate(cfg, input_path: Path | None) -> None:
     stage = cfg.stages.test_time
-    methods, _ = chosen_methods(cfg)
+    run_dir = Path(str(cfg.run.dir)).expanduser()
+    methods, _ = chosen_methods(cfg, run_dir)
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown or len(set(methods)) != len(methods):
         raise ConfigError(
@@ -80,7 +81,7 @@ def validate(cfg, input_path: Path | None) -> None:
             raise ConfigError(f"stages.test_time.{name}={stage[name]} is out of range "
                               "(alpha >= 1, mcmc_steps >= 0, temperature > 0, the rest >= 1)")
     if "best_of_n" in methods:
-        check_best_of_n(cfg)
+        check_best_of_n(cfg, run_dir)
     if input_path is None:
         return
     if "power" in methods and is_adapter_checkpoint(input_path):
@@ -100,7 +101,7 @@ def validate(cfg, input_path: Path | None) -> None:
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     """Part of the config hash when best_of_n runs: the user's reward function sources and the
     reward model's identity (a new reward model in the run reruns test_time)."""
-    if "best_of_n" not in chosen_methods(cfg)[0]:
+    if "best_of_n" not in chosen_methods(cfg, run_dir)[0]:
         return None
     return rewards.fingerprint(cfg.stages.test_time, run_dir, planned)
 
@@ -187,7 +188,7 @@ def run(ctx) -> dict[str, float]:
     dtype = trainer_settings.forward_dtype(ctx.cfg, ctx.name)  # test_time only runs forward
     model = load_policy(ctx.input_path.resolve(), trust, dtype).to(distributed.state().device)
     settings = settings_from(cfg, ctx.cfg.seed)
-    methods, left_out = chosen_methods(ctx.cfg)
+    methods, left_out = chosen_methods(ctx.cfg, ctx.run_dir)
     if left_out:
         log(f"stage test_time: best_of_n left out of methods=auto: no reward to rank candidates by ({left_out})")
     score = None
