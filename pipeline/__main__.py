@@ -46,7 +46,7 @@ def _run(cfg: DictConfig) -> None:
     if is_multirun():
         from hydra.core.hydra_config import HydraConfig
 
-        cfg, _ = sweep.job_config(cfg, list(HydraConfig.get().overrides.task), sys.argv[1:])
+        cfg = sweep.job_config(cfg, list(HydraConfig.get().overrides.task), sys.argv[1:])
     run_dir = Path(str(cfg.run.dir)).expanduser().resolve()
     try:
         run_pipeline(cfg)

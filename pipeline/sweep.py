@@ -63,18 +63,18 @@ def job_name(job_overrides: list[str], keys: list[str]) -> str:
     return re.sub(r"[^\w.+\-]", "_", "+".join(parts))
 
 
-def job_config(cfg: DictConfig, overrides: list[str], argv: list[str]) -> tuple[DictConfig, Path]:
-    """(the job's config with run.dir set to its own dir and run.sweep_job to its name, the
-    sweep root). A sweep over run.dir or run.name alone already separates its jobs."""
+def job_config(cfg: DictConfig, overrides: list[str], argv: list[str]) -> DictConfig:
+    """The job's config with run.dir set to its own dir under the sweep's run.dir and
+    run.sweep_job to its name. A sweep over run.dir or run.name alone already separates its jobs."""
     root = Path(str(cfg.run.dir))
     keys = [k for k in swept_keys(argv) if k not in ("run.dir", "run.name")]
     name = job_name(overrides, keys)
     if not name:
-        return cfg, root
+        return cfg
     with open_dict(cfg):
         cfg.run.dir = str(root / name)
         cfg.run.sweep_job = name
-    return cfg, root
+    return cfg
 
 
 def job_overrides(job: list[str], argv: list[str], root: Path) -> list[str]:

@@ -80,7 +80,7 @@ def validate(cfg, input_path: Path | None) -> None:
         if not ok:
             raise ConfigError(f"stages.test_time.{name}={stage[name]} is out of range "
                               "(alpha >= 1, mcmc_steps >= 0, temperature > 0, the rest >= 1)")
-    if "best_of_n" in methods:
+    if "best_of_n" in methods and not isinstance(stage.methods, str):  # auto has checked it already
         check_best_of_n(cfg, run_dir)
     if input_path is None:
         return
