@@ -1,4 +1,5 @@
-"""The run directory contract (DESIGN.md section 3): manifests, metrics, atomic writes, checkpoints.
+"""The run directory contract: manifests, metrics, atomic writes, checkpoints (README, "The run
+directory and resume guarantees").
 
     <run.dir>/<stage>/stage.json     status, input, config hash, times, versions
     <run.dir>/<stage>/metrics.json   flat numbers

@@ -19,7 +19,7 @@ def state():
     """The accelerate PartialState, created once, before any Trainer builds an Accelerator.
 
     Without a GPU the process group must use gloo, and it must exist before DeepSpeed or
-    accelerate look at it, or they believe there is a single process (DESIGN.md section 5).
+    accelerate look at it, or they believe there is a single process.
     """
     from accelerate import PartialState
 

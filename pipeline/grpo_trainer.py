@@ -61,7 +61,7 @@ class StageGRPOTrainer(ExactResume, GRPOTrainer):
     # the other two (TRL's own zero-variance handling is filtering by std in the advantages only).
     def _generate(self, prompts):
         start = time.perf_counter()
-        # MoE: router logits belong to the loss only; generate() with them on crashes (DESIGN.md s.5)
+        # MoE: router logits belong to the loss only; generate() with them on crashes
         with router_logits_off(self.accelerator.unwrap_model(self.model)):
             out = super()._generate(prompts)
         if self.model.training:

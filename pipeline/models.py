@@ -235,7 +235,7 @@ def router_logits_off(model: torch.nn.Module):
     """Turn MoE router-logit outputs off for generation and honest eval loss.
 
     The aux loss belongs in the training loss only; with it on, Qwen3-MoE `generate` with an
-    attention mask crashes inside load_balancing_loss_func (transformers 5.23, DESIGN.md s.5).
+    attention mask crashes inside load_balancing_loss_func (transformers 5.23).
     """
     config = getattr(model, "config", None)
     had = getattr(config, "output_router_logits", None)

@@ -4,7 +4,7 @@ would have.
 The Trainer resumes a plain model by reading checkpoint-N/model.safetensors into it with a
 non-strict `load_state_dict`. transformers v5 saves fused MoE expert tensors one tensor per
 expert (its save-time conversion), so those keys match nothing, the trained experts are
-silently left at their initial values, and the run goes on (DESIGN.md section 5). `ExactResume`
+silently left at their initial values, and the run goes on. `ExactResume`
 loads the weights through `from_pretrained` instead, which applies the same key conversion as
 any other load, and refuses to continue if a tensor is missing, unexpected or of another shape.
 
