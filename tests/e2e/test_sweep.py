@@ -4,7 +4,7 @@ rerun of the sweep skips every finished job, and the sweep root has a summary of
 import json
 
 from pipeline.sweep import job_name, swept_keys
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 # a few steps and problems: the sweep's mechanics, not its figures
 SHORT = ["stages.pretrain.max_steps=4", "stages.pretrain.save_steps=4", "stages.pretrain.eval_steps=4",
@@ -34,6 +34,8 @@ def test_a_sweep_over_seeds_gives_each_job_its_run_dir_and_a_summary(tmp_path):
     weights = {seed: (root / f"seed-{seed}" / "pretrain" / "final" / "model.safetensors").read_bytes() for seed in (0, 1)}
     assert weights[0] != weights[1]  # each job ran with its own seed
 
+    # Hydra's record of the sweep sits beside the summary, not in the directory it was typed in
+    assert (root / "multirun.yaml").is_file() and not (ROOT / "multirun.yaml").exists()
     summary = json.loads((root / "sweep.json").read_text())
     assert [job["run_dir"] for job in summary] == ["seed-0", "seed-1"]
     assert all(job["stages"]["pretrain"]["status"] == "completed" for job in summary)
