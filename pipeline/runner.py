@@ -376,7 +376,8 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
     where = f"resuming from {checkpoint.name}" if checkpoint else "starting"
     log(f"stage {plan.name}: {where} (input: {plan.input_path or 'model config'})")
 
-    ctx = StageContext(plan.name, cfg, cfg.stages[plan.name], run_dir, stage_dir, plan.input_path, checkpoint, task)
+    ctx = StageContext(plan.name, cfg, cfg.stages[plan.name], run_dir, stage_dir, plan.input_path, checkpoint, task,
+                       uses=plan.stage.uses)
     start = time.perf_counter()
     # Every stage starts from the run's seed: a model built from config (pretrain), a new head
     # (reward) and data order then depend on `seed` alone, so a rerun reproduces its numbers.

@@ -16,7 +16,9 @@ A recipe module declares:
                      model (not a saved adapter) with a chat-template tokenizer
     WRITES_FINAL     optional, default True; False for a stage that only evaluates (no final/):
                      it counts as completed from its manifest alone
-    run(ctx: StageContext) -> dict[str, float]   trains, saves final/, returns metrics
+    run(ctx: StageContext) -> dict[str, float]   trains, saves final/, returns metrics; ctx is
+                     the stage's view of its settings: ctx.stage_cfg, ctx.optim and ctx.trainer
+                     (the groups merged with the stage's overrides), ctx.peft, ctx.task, ...
     validate(cfg, input_path) -> None   optional: cheap checks of the stage's config and of an
                      existing input checkpoint, raising ConfigError. Called before any stage runs
                      (input_path None when an earlier stage of this run writes the input) and
@@ -39,7 +41,9 @@ from types import ModuleType
 
 from omegaconf import DictConfig
 
+from pipeline import trainer_settings
 from pipeline.errors import ConfigError
+from pipeline.optim import stage_optim
 
 GROUPS = ("model", "task", "optim", "peft", "trainer")  # the config groups a stage may read
 
@@ -59,6 +63,74 @@ class StageContext:
     # facts every training stage shares, recorded by preemption.train (e.g. the trainer's mixed
     # precision); the runner adds them to the stage's metrics
     shared_metrics: dict = field(default_factory=dict)
+    # the groups the stage declares (Stage.uses): the views below refuse any other, so what a
+    # recipe reads through them is what its config hash covers. None: unchecked (a context
+    # built by hand, e.g. in a benchmark)
+    uses: tuple[str, ...] | None = None
+
+    def group(self, name: str) -> DictConfig:
+        """A config group as this stage sees it; RuntimeError if the stage's USES lacks it."""
+        if self.uses is not None and name not in self.uses:
+            raise RuntimeError(f"stage {self.name!r} reads the {name} group, which its USES {list(self.uses)} lacks: "
+                               f"add {name!r} to USES so that its config hash covers it (pipeline/stage.py)")
+        if name == "optim":
+            return stage_optim(self.cfg, self.name)
+        if name == "trainer":
+            return trainer_settings.settings(self.cfg, self.name)
+        return self.cfg[name]
+
+    # The stage's view of its settings: each group as this stage sees it (stages.<name>.optim
+    # and stages.<name>.trainer merged over the groups), so a recipe never passes (cfg, name).
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def model(self) -> DictConfig:
+        """The `model` group (what to build, or model.path)."""
+        return self.group("model")
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(self.cfg.model.trust_remote_code)  # how to load, not what is computed
+
+    @property
+    def peft(self) -> DictConfig:
+        return self.group("peft")
+
+    @property
+    def optim(self) -> DictConfig:
+        return self.group("optim")
+
+    @property
+    def trainer(self) -> DictConfig:
+        return self.group("trainer")
+
+    def attn_implementation(self) -> str | None:
+        self.group("trainer")
+        return trainer_settings.attn_implementation(self.cfg, self.name)
+
+    def forward_dtype(self):
+        """The dtype of the models this stage only runs forward (references, reward models)."""
+        self.group("trainer")
+        return trainer_settings.forward_dtype(self.cfg, self.name)
+
+    def autocast(self):
+        """The context in which this stage evaluates the model it trained."""
+        self.group("trainer")
+        return trainer_settings.autocast(self.cfg, self.name)
+
+    def save_dtype(self):
+        """The dtype of the weights in this stage's final/."""
+        self.group("trainer")
+        return trainer_settings.save_dtype(self.cfg, self.name, self.input_path)
+
+    def shared_arguments(self, reference: bool = False) -> dict:
+        """TrainingArguments fields of the trainer group (precision, checkpointing, tracking);
+        `reference`: and those that load a frozen reference in the forward dtype (dpo, grpo)."""
+        self.group("trainer")
+        shared = trainer_settings.arguments(self.cfg, self.name, self.stage_dir)
+        return {**shared, **trainer_settings.reference(self.cfg, self.name)} if reference else shared
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,14 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import is_conversational
 
 from pipeline import distributed, policy_pairs, preemption, trainer_settings
+from pipeline.training_args import build_training_args
 from pipeline.adapters import build_peft_config
 from pipeline.evaluate import EVAL_SAMPLES, EvalSettings, held_out_accuracy
 from pipeline.models import (
     check_trainable_scope, count_parameters, load_model, restrict_trainable, save_policy,
     set_router_aux_loss,
 )
-from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tokenizer import load_chat_tokenizer
@@ -74,30 +75,16 @@ def validate(cfg, input_path: Path | None) -> None:
 
 
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, shared: dict | None = None) -> DPOConfig:
-    """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
-    lr = learning_rate(stage_cfg, peft_cfg)
-    return DPOConfig(
-        output_dir=str(output_dir),
-        max_steps=stage_cfg.max_steps,
-        per_device_train_batch_size=stage_cfg.batch_size,
-        per_device_eval_batch_size=stage_cfg.batch_size,
-        gradient_accumulation_steps=stage_cfg.grad_accum,
+    """DPOConfig: the shared fields (pipeline/training_args.py) and DPO's own."""
+    return build_training_args(
+        DPOConfig, stage_cfg, optim_cfg, peft_cfg, output_dir, seed, shared,
         max_length=stage_cfg.max_length,
         beta=float(stage_cfg.beta),
         loss_type=list(stage_cfg.loss_type) if not isinstance(stage_cfg.loss_type, str) else [stage_cfg.loss_type],
         loss_weights=list(stage_cfg.loss_weights) if stage_cfg.loss_weights is not None else None,
         label_smoothing=float(stage_cfg.label_smoothing),
-        eval_strategy="steps",
-        eval_steps=stage_cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=stage_cfg.save_steps,
-        save_total_limit=stage_cfg.save_total_limit,
-        logging_steps=stage_cfg.logging_steps,
-        seed=seed,
         # prefix tuning: no router aux loss (TRL hands the prefix-lengthened mask to the MoE aux loss, see sft)
         router_aux_loss_coef=0.0 if peft_cfg.method == "prefix" else None,
-        **(shared if shared is not None else trainer_settings.PLAIN),  # TRL's own defaults: bf16, checkpointing
-        **trainer_kwargs(optim_cfg, lr),
     )
 
 
@@ -182,17 +169,16 @@ def implicit_rewards(trainer: DPOTrainer, pairs, prefix: str) -> dict[str, float
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    tokenizer = load_chat_tokenizer(ctx.input_path, bool(ctx.cfg.model.trust_remote_code))
-    model = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code),
-                       trainer_settings.attn_implementation(ctx.cfg, ctx.name))
+    tokenizer = load_chat_tokenizer(ctx.input_path, ctx.trust_remote_code)
+    model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation())
     restrict_trainable(model, ctx.stage_cfg, "dpo")
-    peft_config = build_peft_config(ctx.cfg.peft, model)
-    set_router_aux_loss(model, ctx.cfg.peft.method != "prefix")  # see router_aux_loss_coef below
+    peft_config = build_peft_config(ctx.peft, model)
+    set_router_aux_loss(model, ctx.peft.method != "prefix")  # see router_aux_loss_coef below
     train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
     if cfg.pairs == "on_policy":
         model = distributed.to_device_unless_sharded(model)
-        with trainer_settings.autocast(ctx.cfg, ctx.name):
-            pairs, _ = policy_pairs.sample_pairs(model, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+        with ctx.autocast():
+            pairs, _ = policy_pairs.sample_pairs(model, tokenizer, ctx.task, cfg, ctx.seed)
         pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
         log(f"stage dpo: {len(pairs)} on-policy pairs from {cfg.pair_prompts} prompts x {cfg.samples_per_prompt} samples")
         if not pairs:
@@ -200,17 +186,15 @@ def run(ctx) -> dict[str, float]:
                                "samples_per_prompt or sample_temperature, or use stages.dpo.pairs=task")
         train_data = Dataset.from_list(first_step_pairs(pairs, tokenizer)) if cfg.step_level else conversational_pairs(pairs, 0)[0]
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
-    shared = {**trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir), **trainer_settings.reference(ctx.cfg, ctx.name)}
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, shared)
-    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, stage_optim(ctx.cfg, ctx.name))
+    args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments(reference=True))
+    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.optim)
     before = implicit_rewards(trainer, train_probe, "train_probe_before")
     train_output = preemption.train(trainer, ctx)
     after = {**implicit_rewards(trainer, train_probe, "train_probe"), **implicit_rewards(trainer, eval_data, "eval")}
 
     trainable, total = count_parameters(trainer.model)
-    model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.cfg.seed,
-                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name,
+    model = save_policy(trainer, tokenizer, ctx.stage_dir, ctx.save_dtype())
+    accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.seed, ctx.autocast(), ctx.name,
                                  ctx.stage_dir / EVAL_SAMPLES)
     log_history = trainer.state.log_history
     if distributed.is_main_process():

@@ -33,13 +33,14 @@ from pipeline.models import (
     check_trainable_scope, count_parameters, load_model, restrict_trainable,
     save_policy, set_router_aux_loss,
 )
-from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs
 from pipeline.grpo_trainer import StageGRPOTrainer, training_metrics
 from pipeline.pass_rate_curve import CURVE_FILE, PassRateCurve, scaling_metrics
 from pipeline.prompt_filter import FILTER_FILE, prompt_pass_rates, selected_prompts
 from pipeline.errors import ConfigError
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
+from pipeline.training_args import build_training_args
 
 SPLITS = ("rl",)
 OPTIONAL_SPLITS = ("eval",)  # the pass-rate curve and held-out accuracy, when the task has problems with answers
@@ -136,16 +137,11 @@ def build_dataset(task) -> Dataset:
 
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, reward_weights: list[float],
                   shared: dict | None = None) -> GRPOConfig:
-    """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
-    lr = learning_rate(stage_cfg, peft_cfg)
-    optimizer = trainer_kwargs(optim_cfg, lr)
-    if stage_cfg.adam_epsilon is not None:
-        optimizer["adam_epsilon"] = float(stage_cfg.adam_epsilon)
-    return GRPOConfig(
-        output_dir=str(output_dir),
-        max_steps=stage_cfg.max_steps,
-        per_device_train_batch_size=stage_cfg.batch_size,
-        gradient_accumulation_steps=stage_cfg.grad_accum,
+    """GRPOConfig: the shared fields (pipeline/training_args.py; no eval loop: the stage measures
+    its own pass rate) and GRPO's own."""
+    extra = {} if stage_cfg.adam_epsilon is None else {"adam_epsilon": float(stage_cfg.adam_epsilon)}
+    return build_training_args(
+        GRPOConfig, stage_cfg, optim_cfg, peft_cfg, output_dir, seed, shared, evaluate=False,
         num_generations=stage_cfg.num_generations,
         max_completion_length=stage_cfg.max_new_tokens,
         temperature=float(stage_cfg.temperature),
@@ -162,14 +158,8 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         scale_rewards=str(stage_cfg.scale_rewards),
         entropy_coef=float(stage_cfg.entropy_coef),
         reward_weights=reward_weights,
-        save_strategy="steps",
-        save_steps=stage_cfg.save_steps,
-        save_total_limit=stage_cfg.save_total_limit,
-        logging_steps=stage_cfg.logging_steps,
-        seed=seed,
         router_aux_loss_coef=None if stage_cfg.router_aux_loss_coef is None else float(stage_cfg.router_aux_loss_coef),
-        **(shared if shared is not None else trainer_settings.PLAIN),  # TRL's own default is bf16
-        **optimizer,
+        **extra,
     )
 
 
@@ -192,7 +182,7 @@ def training_prompts(model, tokenizer, ctx) -> tuple[Dataset, dict[str, float]]:
     if not cfg.filter_samples:
         return data, {}
     options = dict(samples=int(cfg.filter_samples), temperature=float(cfg.temperature), max_new_tokens=int(cfg.max_new_tokens),
-                   batch_size=int(cfg.eval_batch_size), seed=ctx.cfg.seed)
+                   batch_size=int(cfg.eval_batch_size), seed=int(ctx.cfg.seed))
     per_step = int(cfg.batch_size * cfg.grad_accum * distributed.world_size()) // int(cfg.num_generations)
     return selected_prompts(data, lambda rows: prompt_pass_rates(model, tokenizer, ctx.task, rows, **options),
                             ctx.stage_dir / FILTER_FILE, float(cfg.filter_max_pass_rate), per_step)
@@ -204,32 +194,30 @@ def pass_rate_curve(ctx, tokenizer) -> PassRateCurve:
     problems = ctx.task.eval_problems()[: cfg.curve_problems]
 
     def measure(policy) -> float:
-        with trainer_settings.autocast(ctx.cfg, ctx.name):
+        with ctx.autocast():
             return evaluate(policy, tokenizer, ctx.task, problems, temperature=float(cfg.curve_temperature),
                             prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size).accuracy
 
-    return PassRateCurve(measure, int(cfg.eval_every), int(cfg.num_iterations), ctx.stage_dir / CURVE_FILE, ctx.cfg.seed)
+    return PassRateCurve(measure, int(cfg.eval_every), int(cfg.num_iterations), ctx.stage_dir / CURVE_FILE, ctx.seed)
 
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    trust = bool(ctx.cfg.model.trust_remote_code)
+    trust = ctx.trust_remote_code
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
-    model = load_model(str(ctx.input_path.resolve()), trust, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
+    model = load_model(str(ctx.input_path.resolve()), trust, ctx.attn_implementation())
     # (resolved: TRL reloads the reference from it)
     set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
     restrict_trainable(model, cfg, "grpo")
-    peft_config = build_peft_config(ctx.cfg.peft, model)
-    reward_funcs = rewards.build(cfg, "grpo", ctx.task, ctx.run_dir, trust, int(cfg.eval_batch_size),
-                                 trainer_settings.forward_dtype(ctx.cfg, ctx.name))
-    shared = {**trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir), **trainer_settings.reference(ctx.cfg, ctx.name)}
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed, reward_funcs[1], shared)
+    peft_config = build_peft_config(ctx.peft, model)
+    reward_funcs = rewards.build(cfg, "grpo", ctx.task, ctx.run_dir, trust, int(cfg.eval_batch_size), ctx.forward_dtype())
+    args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, reward_funcs[1], ctx.shared_arguments(reference=True))
     if cfg.filter_samples:
         model = distributed.to_device_unless_sharded(model)
-    with trainer_settings.autocast(ctx.cfg, ctx.name):
+    with ctx.autocast():
         train_data, filter_metrics = training_prompts(model, tokenizer, ctx)
-    trainer = build_trainer(model, tokenizer, train_data, args, reward_funcs, cfg, peft_config, stage_optim(ctx.cfg, ctx.name))
+    trainer = build_trainer(model, tokenizer, train_data, args, reward_funcs, cfg, peft_config, ctx.optim)
 
     curve = None
     if ctx.task.has_split("eval"):
@@ -238,9 +226,8 @@ def run(ctx) -> dict[str, float]:
     train_output = preemption.train(trainer, ctx)
 
     trainable, total = count_parameters(trainer.model)
-    model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.cfg.seed,
-                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name,
+    model = save_policy(trainer, tokenizer, ctx.stage_dir, ctx.save_dtype())
+    accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.seed, ctx.autocast(), ctx.name,
                                  ctx.stage_dir / EVAL_SAMPLES)
 
     metrics = {

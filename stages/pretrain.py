@@ -16,13 +16,14 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-from pipeline import artifacts, distributed, preemption, trainer_settings
+from pipeline import artifacts, distributed, preemption
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
-from pipeline.optim import OptimizerStateSize, learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tokenizer import stop_token_ids, train_tokenizer
+from pipeline.training_args import build_training_args
 
 SPLITS = ("pretrain", "eval")
 USES = ("model", "task", "optim", "trainer")
@@ -86,11 +87,10 @@ def setup_tokenizer_and_model(ctx):
     """From the input checkpoint (stages.pretrain.init or model.path), or new from config."""
     source = ctx.input_path
     if source:
-        trust = bool(ctx.cfg.model.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=ctx.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer, load_model(str(source), trust, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
+        return tokenizer, load_model(str(source), ctx.trust_remote_code, ctx.attn_implementation())
     tokenizer_dir = ctx.stage_dir / "tokenizer"
     need_tokenizer = not (tokenizer_dir / "tokenizer.json").exists()  # a resumed run reuses the first run's
     distributed.barrier()  # every rank has looked before the main process writes
@@ -102,7 +102,7 @@ def setup_tokenizer_and_model(ctx):
             tmp.replace(tokenizer_dir)
         distributed.barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return tokenizer, build_model(ctx.cfg.model, tokenizer, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
+    return tokenizer, build_model(ctx.model, tokenizer, ctx.attn_implementation())
 
 
 def run(ctx) -> dict[str, float]:
@@ -113,22 +113,7 @@ def run(ctx) -> dict[str, float]:
     eval_data = pack(tokenizer, ctx.task.eval_texts(), cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * distributed.world_size()
     throughput, optimizer_state = Throughput(tokens_per_step), OptimizerStateSize()
-    args = TrainingArguments(
-        output_dir=str(ctx.stage_dir),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        eval_strategy="steps",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        seed=ctx.cfg.seed,
-        **trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir),
-        **trainer_kwargs(stage_optim(ctx.cfg, ctx.name), learning_rate(cfg)),
-    )
+    args = build_training_args(TrainingArguments, cfg, ctx.optim, None, ctx.stage_dir, ctx.seed, ctx.shared_arguments())
     trainer = LMTrainer(
         model=model,
         args=args,
@@ -137,7 +122,7 @@ def run(ctx) -> dict[str, float]:
         data_collator=PackedBlocks(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[throughput, optimizer_state],
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(stage_optim(ctx.cfg, ctx.name), learning_rate(cfg)),
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(ctx.optim, args.learning_rate),
     )
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
@@ -145,10 +130,10 @@ def run(ctx) -> dict[str, float]:
     set_router_aux_loss(model, False)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    artifacts.save_final(ctx.stage_dir, trainer.save_model, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
+    artifacts.save_final(ctx.stage_dir, trainer.save_model, ctx.save_dtype())
 
     problems = ctx.task.eval_problems()[: cfg.eval_problems]
-    with trainer_settings.autocast(ctx.cfg, ctx.name):
+    with ctx.autocast():
         result = evaluate(
             model, tokenizer, ctx.task, problems, prompt_format="text",
             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,

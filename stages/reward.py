@@ -24,15 +24,16 @@ from datasets import Dataset, concatenate_datasets
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from pipeline import distributed, policy_pairs, preemption, trainer_settings
+from pipeline import distributed, policy_pairs, preemption
 from pipeline.adapters import build_peft_config
 from pipeline.log import log
 from pipeline.models import count_parameters, load_model, save_policy, set_router_aux_loss
-from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.reward_model import score
 from pipeline.tokenizer import load_chat_tokenizer
+from pipeline.training_args import build_training_args
 from pipeline.errors import ConfigError
 from pipeline.tasks import conversational_pairs
 
@@ -70,11 +71,11 @@ def training_pairs(ctx, tokenizer) -> tuple[Dataset, dict[str, Dataset], dict[st
     task_train, task_eval = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
     if cfg.pairs == "task":
         return task_train, {"task": task_eval}, {}
-    policy = load_model(str(ctx.input_path.resolve()), bool(ctx.cfg.model.trust_remote_code),
-                        dtype=trainer_settings.forward_dtype(ctx.cfg, ctx.name))  # forward only
+    policy = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code,
+                        dtype=ctx.forward_dtype())  # forward only
     policy = distributed.to_device_unless_sharded(policy)
-    with trainer_settings.autocast(ctx.cfg, ctx.name):
-        pairs, counts = policy_pairs.sample_pairs(policy, tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    with ctx.autocast():
+        pairs, counts = policy_pairs.sample_pairs(policy, tokenizer, ctx.task, cfg, ctx.seed)
     del policy
     train, held = policy_pairs.split_by_prompt(pairs, int(cfg.eval_pairs))
     log(f"stage reward: {len(pairs)} on-policy pairs ({counts['correct']} of {counts['samples']} samples correct; "
@@ -87,7 +88,7 @@ def training_pairs(ctx, tokenizer) -> tuple[Dataset, dict[str, Dataset], dict[st
     strip = lambda rows: [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]  # noqa: E731
     on_train, on_eval = conversational_pairs(strip(train), 0)[0], conversational_pairs(strip(held), 0)[0]
     if cfg.pairs == "mix":
-        on_train = concatenate_datasets([task_train, on_train]).shuffle(seed=int(ctx.cfg.seed))
+        on_train = concatenate_datasets([task_train, on_train]).shuffle(seed=ctx.seed)
     numbers = {"pairs_on_policy": len(pairs), "pair_samples_correct": counts["correct"] / max(counts["samples"], 1)}
     return on_train, {"on_policy": on_eval, "task": task_eval}, numbers
 
@@ -107,48 +108,31 @@ def pairwise_scores(model, tokenizer, pairs: Dataset, batch_size: int) -> tuple[
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    trust = bool(ctx.cfg.model.trust_remote_code)
+    trust = ctx.trust_remote_code
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     train_data, evals, pair_counts = training_pairs(ctx, tokenizer)  # before the model: one model in memory at a time
     eval_data = evals.get("on_policy", evals["task"])  # the trainer's eval_loss: the kind it trains on
     # the score head is new: seeded by RewardTrainer (set_seed(args.seed)) only for string models
-    torch.manual_seed(ctx.cfg.seed)
+    torch.manual_seed(ctx.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         ctx.input_path, num_labels=1, trust_remote_code=trust, dtype=torch.float32,
-        attn_implementation=trainer_settings.attn_implementation(ctx.cfg, ctx.name),
+        attn_implementation=ctx.attn_implementation(),
     )
     model.config.pad_token_id = tokenizer.pad_token_id
     set_router_aux_loss(model, False)  # the sequence-classification head adds no aux loss
-    lr = learning_rate(cfg, ctx.cfg.peft)
-    args = RewardConfig(
-        output_dir=str(ctx.stage_dir),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        max_length=cfg.max_length,
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
-        eval_strategy="steps",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        seed=ctx.cfg.seed,
-        **trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir),  # TRL's own defaults: bf16, checkpointing
-        **trainer_kwargs(stage_optim(ctx.cfg, ctx.name), lr),
-    )
+    args = build_training_args(RewardConfig, cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments(),
+                               max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = StageRewardTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
-        peft_config=build_peft_config(ctx.cfg.peft, model, task_type="SEQ_CLS"),
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(stage_optim(ctx.cfg, ctx.name), args.learning_rate),
+        peft_config=build_peft_config(ctx.peft, model, task_type="SEQ_CLS"),
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(ctx.optim, args.learning_rate),
     )
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
     trainable, total = count_parameters(trainer.model)
-    model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
+    model = save_policy(trainer, tokenizer, ctx.stage_dir, ctx.save_dtype())
 
-    with trainer_settings.autocast(ctx.cfg, ctx.name):
+    with ctx.autocast():
         scores = {name: pairwise_scores(model.eval(), tokenizer, data, cfg.batch_size) for name, data in evals.items()}
     accuracy = {f"eval_pairwise_accuracy_{name}": (c - r > 0).float().mean().item() for name, (c, r) in scores.items()}
     chosen, rejected = scores["on_policy" if "on_policy" in scores else "task"]

@@ -24,17 +24,18 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
-from pipeline import distributed, preemption, trainer_settings
+from pipeline import distributed, preemption
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config
 from pipeline.evaluate import EVAL_SAMPLES, EvalSettings, held_out_accuracy
 from pipeline.models import (
     count_parameters, load_model, router_logits_off, save_policy, set_router_aux_loss,
 )
-from pipeline.optim import learning_rate, optimizer_cls_and_kwargs, stage_optim, trainer_kwargs
+from pipeline.optim import optimizer_cls_and_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
+from pipeline.training_args import build_training_args
 from pipeline.errors import ConfigError
 from pipeline.log import log
 
@@ -162,30 +163,16 @@ def log_truncation(train_data: Dataset, stage_cfg, stage: str) -> None:
 
 
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, shared: dict | None = None) -> SFTConfig:
-    """`shared`: trainer_settings.arguments() (precision, checkpointing, tracking); None: PLAIN."""
-    lr = learning_rate(stage_cfg, peft_cfg)
-    return SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=stage_cfg.max_steps,
-        per_device_train_batch_size=stage_cfg.batch_size,
-        per_device_eval_batch_size=stage_cfg.batch_size,
-        gradient_accumulation_steps=stage_cfg.grad_accum,
+    """SFTConfig: the shared fields (pipeline/training_args.py) and SFT's own."""
+    return build_training_args(
+        SFTConfig, stage_cfg, optim_cfg, peft_cfg, output_dir, seed, shared,
         max_length=stage_cfg.max_length,
         packing=bool(stage_cfg.packing),
         completion_only_loss=True,  # pre-tokenized rows: labels from completion_mask
-        eval_strategy="steps",
-        eval_steps=stage_cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=stage_cfg.save_steps,
-        save_total_limit=stage_cfg.save_total_limit,
-        logging_steps=stage_cfg.logging_steps,
-        seed=seed,
         # Prefix tuning trains without the MoE router aux loss: TRL hands the prefix-lengthened
         # attention mask to load_balancing_loss_func, which fails on the size mismatch (trl 1.16,
         # transformers 5.23). None: the model config's coefficient.
         router_aux_loss_coef=0.0 if peft_cfg.method == "prefix" else None,
-        **(shared if shared is not None else trainer_settings.PLAIN),  # TRL's own default is bf16
-        **trainer_kwargs(optim_cfg, lr),
     )
 
 
@@ -214,24 +201,21 @@ def build_trainer(
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    trust = bool(ctx.cfg.model.trust_remote_code)
-    tokenizer = load_chat_tokenizer(ctx.input_path, trust)
-    model = load_model(str(ctx.input_path.resolve()), trust, trainer_settings.attn_implementation(ctx.cfg, ctx.name))
+    tokenizer = load_chat_tokenizer(ctx.input_path, ctx.trust_remote_code)
+    model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation())
     # (resolved: the adapter records its base)
-    peft_config = build_peft_config(ctx.cfg.peft, model)
+    peft_config = build_peft_config(ctx.peft, model)
     set_router_aux_loss(model, True)
-    train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.cfg.seed)
+    train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.seed)
     log_truncation(train_data, cfg, ctx.name)
-    args = training_args(cfg, stage_optim(ctx.cfg, ctx.name), ctx.cfg.peft, ctx.stage_dir, ctx.cfg.seed,
-                         trainer_settings.arguments(ctx.cfg, ctx.name, ctx.stage_dir))
-    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, stage_optim(ctx.cfg, ctx.name))
+    args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments())
+    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.optim)
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
 
     trainable, total = count_parameters(trainer.model)
-    model = save_policy(trainer, tokenizer, ctx.stage_dir, trainer_settings.save_dtype(ctx.cfg, ctx.name, ctx.input_path))
-    accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.cfg.seed,
-                                 trainer_settings.autocast(ctx.cfg, ctx.name), ctx.name,
+    model = save_policy(trainer, tokenizer, ctx.stage_dir, ctx.save_dtype())
+    accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.seed, ctx.autocast(), ctx.name,
                                  ctx.stage_dir / EVAL_SAMPLES)
     log_history = trainer.state.log_history
     if distributed.is_main_process():

@@ -20,7 +20,7 @@ import functools
 import json
 from pathlib import Path
 
-from pipeline import artifacts, distributed, preemption, rewards, trainer_settings
+from pipeline import artifacts, distributed, preemption, rewards
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
 from pipeline.errors import ConfigError
@@ -106,14 +106,6 @@ def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     return rewards.fingerprint(cfg.stages.test_time, run_dir, planned)
 
 
-def settings_from(stage_cfg, seed: int) -> TestTimeSettings:
-    return TestTimeSettings(
-        alpha=float(stage_cfg.alpha), mcmc_steps=int(stage_cfg.mcmc_steps), block_size=int(stage_cfg.block_size),
-        num_samples=int(stage_cfg.num_samples), sample_temperature=float(stage_cfg.sample_temperature),
-        max_new_tokens=int(stage_cfg.max_new_tokens), batch_size=int(stage_cfg.batch_size), seed=seed,
-    )
-
-
 def summary_table(results: list[MethodResult], settings: TestTimeSettings) -> str:
     lines = [
         "## test_time: methods side by side", "",
@@ -183,11 +175,11 @@ def stop_if_preempted(run_dir: Path, method: str) -> None:
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    trust = bool(ctx.cfg.model.trust_remote_code)
+    trust = ctx.trust_remote_code
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
-    dtype = trainer_settings.forward_dtype(ctx.cfg, ctx.name)  # test_time only runs forward
+    dtype = ctx.forward_dtype()  # test_time only runs forward
     model = load_policy(ctx.input_path.resolve(), trust, dtype).to(distributed.state().device)
-    settings = settings_from(cfg, ctx.cfg.seed)
+    settings = TestTimeSettings.of(cfg, ctx.seed)
     methods, left_out = chosen_methods(ctx.cfg, ctx.run_dir)
     if left_out:
         log(f"stage test_time: best_of_n left out of methods=auto: no reward to rank candidates by ({left_out})")

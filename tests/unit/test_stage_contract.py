@@ -18,6 +18,12 @@ READS = {  # a call that reads a group for the recipe
     r"\btrainer_settings\.": "trainer",
     r"\bstage_optim\(": "optim",
     r"\bctx\.task\b": "task",
+    # the stage's view of its settings (pipeline/stage.py StageContext, which also refuses at
+    # run time a group USES lacks)
+    r"\bctx\.(trainer|attn_implementation|forward_dtype|autocast|save_dtype|shared_arguments)\b": "trainer",
+    r"\bctx\.optim\b": "optim",
+    r"\bctx\.peft\b": "peft",
+    r"\bctx\.model\b": "model",
 }
 
 
@@ -52,3 +58,18 @@ def test_a_trainer_setting_reruns_a_stage_and_tracking_does_not():
 def test_benchmarks_do_not_import_the_tests():
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         assert not re.search(r"(?m)^\s*(from|import) tests\b", script.read_text()), script.name
+
+
+def test_the_context_is_the_stages_view_and_refuses_a_group_its_uses_lacks(tmp_path):
+    from pipeline.stage import StageContext
+
+    cfg = compose_config(["stages.sft.optim={lr:0.5}", "stages.sft.trainer={precision:fp32}", "trainer.precision=bf16"])
+    ctx = StageContext("sft", cfg, cfg.stages.sft, tmp_path, tmp_path / "sft", None, None, None,
+                       uses=("task", "optim", "trainer"))
+    assert ctx.optim.lr == 0.5 and cfg.optim.lr != 0.5  # the stage's override merged over the group
+    assert ctx.trainer.precision == "fp32" and ctx.shared_arguments()["bf16"] is False
+    with pytest.raises(RuntimeError, match=r"stage 'sft' reads the peft group, which its USES \['task', 'optim', "
+                                           r"'trainer'\] lacks: add 'peft' to USES"):
+        ctx.peft
+    unchecked = StageContext("sft", cfg, cfg.stages.sft, tmp_path, tmp_path / "sft", None, None, None)
+    assert unchecked.peft.method == cfg.peft.method
