@@ -22,9 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
 from pipeline import artifacts, runner  # noqa: E402
+from pipeline.config import compose_config  # noqa: E402
 
 
 def write_corpus(path: Path, gigabytes: float) -> None:
@@ -61,11 +60,10 @@ def main() -> None:
         data = Path(tmp) / "corpus.jsonl"
         write_corpus(data, args.gb)
         size = data.stat().st_size
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[
-                "preset=smoke", "task=jsonl", "run.stages=[pretrain,sft]", f"task.splits.pretrain={data}",
-                f"task.splits.sft={data}", f"task.splits.eval={data}", f"run.dir={tmp}/run",
-            ])
+        cfg = compose_config([
+            "preset=smoke", "task=jsonl", "run.stages=[pretrain,sft]", f"task.splits.pretrain={data}",
+            f"task.splits.sft={data}", f"task.splits.eval={data}", f"run.dir={tmp}/run",
+        ])
         plan = lambda: runner.plan_stages(cfg, Path(tmp) / "run")  # noqa: E731
         with_fingerprints = timed(plan)
         real = artifacts.fingerprint

@@ -267,14 +267,13 @@ def gpu_memory_gib(kind: str) -> float | None:
 
 def run_stages(args: list[str], run_dir: Path) -> tuple[dict[str, StageRun], DictConfig]:
     """Run STAGES in order, one run_pipeline call each; returns the runs and the composed config."""
-    from hydra import compose, initialize_config_dir
-
+    from pipeline.config import compose_config
     from pipeline.runner import run_pipeline
 
     runs: dict[str, StageRun] = {}
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"), step_clocks() as clocks:
+    with step_clocks() as clocks:
         for stage in STAGES:
-            cfg = compose("config", overrides=[*args, f"run.stages=[{stage}]"])
+            cfg = compose_config([*args, f"run.stages=[{stage}]"])
             gc.collect()  # the previous stage's models and trainer, before measuring this one's peak
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -45,19 +45,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline.config import compose_config  # noqa: E402
+
 RESULT = "RESULT "  # prefix of a part's JSON line on stdout
 BEYOND = 10**9  # an eval/save interval no run reaches
 NOTES: list[str] = []  # what a part changed in the composed config, for the report
 
 
 # --------------------------------------------------------------------------- shared
-
-
-def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def step_clock():

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.config import compose_config  # noqa: E402
 from pipeline.evaluate import render_prompts  # noqa: E402
 from pipeline.models import load_policy  # noqa: E402
 from pipeline.reward_model import RewardScorer
@@ -36,20 +36,6 @@ from pipeline.tasks import build_task  # noqa: E402
 from pipeline.tokenizer import load_chat_tokenizer, stop_token_ids  # noqa: E402
 
 DEMO_MODEL = "/work/demo/sft/sft/final"
-
-
-def load_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
-def settings_of(cfg) -> TestTimeSettings:
-    stage = cfg.stages.test_time
-    return TestTimeSettings(
-        alpha=stage.alpha, mcmc_steps=stage.mcmc_steps, block_size=stage.block_size, num_samples=stage.num_samples,
-        sample_temperature=stage.sample_temperature, max_new_tokens=stage.max_new_tokens,
-        batch_size=stage.batch_size, seed=cfg.seed,
-    )
 
 
 def compare(model, tokenizer, task, n: int, settings: TestTimeSettings) -> None:
@@ -102,8 +88,8 @@ def main() -> None:
     parser.add_argument("--reward-model", default=None, help="a reward stage's final/ for best_of_n")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. stages.test_time.mcmc_steps=4")
     args = parser.parse_args()
-    cfg = load_config(args.overrides)
-    settings = settings_of(cfg)
+    cfg = compose_config(args.overrides)
+    settings = TestTimeSettings.of(cfg.stages.test_time, cfg.seed)
     model, tokenizer = load_policy(args.model), load_chat_tokenizer(args.model)
     task = build_task(cfg.task)
     n = args.problems or (32 if args.mode == "compare" else 500)

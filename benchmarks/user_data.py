@@ -66,10 +66,9 @@ def check_in_fresh_process(split: str, path: Path, cache: Path) -> float:
     code = f"""
 import time
 start = time.perf_counter()
-from hydra import compose, initialize_config_dir
+from pipeline.config import compose_config
 from pipeline.tasks import build_task
-with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base="1.3"):
-    cfg = compose("config", overrides=["task=jsonl", "task.splits.{split}={path}"])
+cfg = compose_config(["task=jsonl", "task.splits.{split}={path}"])
 imported = time.perf_counter()
 task = build_task(cfg.task)
 task.validate([{split!r}])

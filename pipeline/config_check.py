@@ -160,8 +160,8 @@ RULES: dict[str, Rule] = {
     "optim.max_grad_norm": NON_NEGATIVE, "optim.momentum": FRACTION, "optim.adjust_lr": TEXT,
     "optim.muon_lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"),
     # --- trainer (pipeline/trainer_settings.check adds what this machine can run)
-    "trainer.precision": Rule("choice", choices=("auto", "bf16", "fp16", "fp32")), "trainer.attn_implementation": TEXT,
-    "trainer.save_dtype": Rule("choice", choices=("auto", "bf16", "fp16", "fp32")),
+    "trainer.precision": Rule("choice", choices=trainer_settings.PRECISIONS), "trainer.attn_implementation": TEXT,
+    "trainer.save_dtype": Rule("choice", choices=trainer_settings.PRECISIONS),
     "trainer.gradient_checkpointing": BOOL, "trainer.report_to": Rule("names"), "trainer.use_liger_kernel": BOOL,
     # --- peft
     "peft.method": TEXT, "peft.lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"), "peft.rank": COUNT,
@@ -199,7 +199,7 @@ LAUNCH_CONFIGS = ("accelerate", "deepspeed")  # folders of conf/ that hold launc
 
 def launch_config_message(arg: str, group: str) -> str:
     return (f"{arg}: conf/{group}/ holds launch configs, not a config group; launch with them instead: accelerate "
-            "launch --config_file conf/accelerate/<name>.yaml -m pipeline ... (README: GPUs and clusters)")
+            'launch --config_file conf/accelerate/<name>.yaml -m pipeline ... (README "GPU nodes, ZeRO/FSDP and SLURM")')
 
 
 def check_run(cfg: DictConfig) -> None:

@@ -20,10 +20,12 @@ import os
 from transformers import TrainerCallback
 
 from pipeline import distributed
+from pipeline.config import group_defaults
 from pipeline.muon import MuonSettings, build_optimizer
 from pipeline.trainer_settings import stage_group
 
 VALID = ("adamw", "muon")
+MUON_DEFAULTS = group_defaults("optim", "muon")
 DEEPSPEED_MUON_STAGES = (1, 2, 3)
 
 
@@ -85,8 +87,8 @@ def muon_settings(optim_cfg, lr: float | None = None) -> MuonSettings:
         betas=tuple(float(b) for b in optim_cfg.betas),
         eps=float(optim_cfg.eps),
         # a stage that switches to muon over an adamw group (stages.<stage>.optim) gets muon.yaml's defaults
-        momentum=float(optim_cfg.get("momentum", 0.95)),
-        adjust_lr=str(optim_cfg.get("adjust_lr", "match_rms_adamw")),
+        momentum=float(optim_cfg.get("momentum", MUON_DEFAULTS.momentum)),
+        adjust_lr=str(optim_cfg.get("adjust_lr", MUON_DEFAULTS.adjust_lr)),
     )
 
 

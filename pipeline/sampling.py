@@ -50,6 +50,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from pipeline.config import stage_defaults
 from pipeline.evaluate import generate, render_prompts
 from pipeline.models import router_logits_off
 from pipeline.tokenizer import stop_token_ids
@@ -443,16 +444,28 @@ def best_of_n(scores: list[float]) -> int:
 # --------------------------------------------------------------------------- one interface
 
 
+DEFAULTS = stage_defaults("test_time")  # conf/stages/test_time.yaml: the defaults live there alone
+
+
 @dataclass
 class TestTimeSettings:
-    alpha: float = 4.0  # power-sampling exponent; low_temperature samples at 1/alpha
-    mcmc_steps: int = 10  # MH steps after each block
-    block_size: int = 8  # tokens per block
-    num_samples: int = 8  # candidates per problem for majority_vote and best_of_n
-    sample_temperature: float = 1.0  # temperature of those candidates (and of `sample`)
-    max_new_tokens: int = 72
-    batch_size: int = 64
+    alpha: float = float(DEFAULTS.alpha)  # power-sampling exponent; low_temperature samples at 1/alpha
+    mcmc_steps: int = int(DEFAULTS.mcmc_steps)  # MH steps after each block
+    block_size: int = int(DEFAULTS.block_size)  # tokens per block
+    num_samples: int = int(DEFAULTS.num_samples)  # candidates per problem for majority_vote and best_of_n
+    sample_temperature: float = float(DEFAULTS.sample_temperature)  # temperature of those candidates (and of `sample`)
+    max_new_tokens: int = int(DEFAULTS.max_new_tokens)
+    batch_size: int = int(DEFAULTS.batch_size)
     seed: int = 0
+
+    @classmethod
+    def of(cls, stage_cfg, seed: int) -> TestTimeSettings:
+        """From stages.test_time (the composed config)."""
+        return cls(
+            alpha=float(stage_cfg.alpha), mcmc_steps=int(stage_cfg.mcmc_steps), block_size=int(stage_cfg.block_size),
+            num_samples=int(stage_cfg.num_samples), sample_temperature=float(stage_cfg.sample_temperature),
+            max_new_tokens=int(stage_cfg.max_new_tokens), batch_size=int(stage_cfg.batch_size), seed=int(seed),
+        )
 
 
 @dataclass
