@@ -11,7 +11,7 @@ import torch
 from accelerate.utils import gather
 from trl import GRPOTrainer
 
-from pipeline import artifacts, distributed
+from pipeline import artifacts, compat, distributed
 from pipeline.models import router_logits_off
 from pipeline.report import plot_curves
 from pipeline.resume import ExactResume
@@ -46,6 +46,7 @@ class StageGRPOTrainer(ExactResume, GRPOTrainer):
         self.generation_seconds = 0.0  # rollouts of training steps (not the held-out curve)
         self.train_step_seconds = 0.0
         self._group_rewards: torch.Tensor | None = None
+        compat.require("trl:GRPOTrainer")
         super().__init__(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch):
@@ -55,10 +56,10 @@ class StageGRPOTrainer(ExactResume, GRPOTrainer):
         finally:
             self.train_step_seconds += time.perf_counter() - start
 
-    # The three overrides below are of private GRPOTrainer methods (trl 1.16), for want of public
-    # hooks: a "generation context" argument would replace _generate's; a callback or argument
-    # that sees each batch's rewards and may return per-completion loss weights would replace
-    # the other two (TRL's own zero-variance handling is filtering by std in the advantages only).
+    # The three overrides below are of private GRPOTrainer methods, for want of public hooks;
+    # pipeline/compat.py lists them with the version they were written against and the public
+    # hook that would replace each (TRL's own zero-variance handling is filtering by std in the
+    # advantages only).
     def _generate(self, prompts):
         start = time.perf_counter()
         # MoE: router logits belong to the loss only; generate() with them on crashes

@@ -19,6 +19,8 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from pipeline import compat
+
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot restore the model exactly."""
@@ -51,6 +53,8 @@ class ExactResume:
     them in the model's own layout."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # a private Trainer method (pipeline/compat.py)
+        compat.require("transformers:Trainer")
         model = self.model if model is None else model
         plain = isinstance(model, PreTrainedModel) and not getattr(self, "is_fsdp_enabled", False)
         has_weights = any(
