@@ -1,5 +1,5 @@
-"""The run directory contract: manifests, metrics, atomic writes, checkpoints (README, "The run
-directory and resume guarantees").
+"""The run directory contract: manifests, metrics, atomic writes, checkpoints (docs/run_directory.md;
+docs/design.md "The run directory" says what other code relies on).
 
     <run.dir>/<stage>/stage.json     status, input, config hash, times, versions
     <run.dir>/<stage>/metrics.json   flat numbers

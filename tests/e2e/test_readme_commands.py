@@ -1,4 +1,4 @@
-"""Every `python -m pipeline` command the README shows passes every check before compute, as
+"""Every `python -m pipeline` command the README (and docs/) shows passes every check before compute, as
 written, with the defaults: run.dry_run=true runs the config, input and data checks of a real
 invocation and what each stage would do, then stops. Only what needs a download is replaced:
 a model family's hub name by a tiny local checkpoint of that family (model.path), a hub data set
@@ -21,13 +21,14 @@ from tests.stages.test_gsm8k import gsm8k_row
 from tests.tiny_models import save_tiny_family
 
 FAMILIES = ("qwen3", "qwen3_moe", "llama3", "smollm2")
-SKIP = ("--cfg", "PYTHONPATH=")  # prints the config; needs the user's own module (tests/e2e has those)
+SKIP = ("--cfg", "--help", "PYTHONPATH=")  # print the config or the groups; needs the user's own module (tests/e2e has those)
+DOCS = ("README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")))
 
 
 def readme_commands() -> list[str]:
-    """`python -m pipeline ...` commands of the README: code-block lines (with their `\\`
-    continuations, without comments) and inline code spans, whitespace folded."""
-    text = (ROOT / "README.md").read_text()
+    """`python -m pipeline ...` commands of the README and docs/: code-block lines (with their
+    `\\` continuations, without comments) and inline code spans, whitespace folded."""
+    text = "\n".join((ROOT / name).read_text() for name in DOCS)
     found = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
