@@ -14,6 +14,12 @@ from pipeline.config import compose_config  # noqa: F401 (the tests import it fr
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs in two pytest-xdist workers (pyproject's addopts) on as many cores: one
+    # OpenMP thread each (and in the subprocesses they start), since two processes with a
+    # thread per core each wait on one another several-fold. Set before anything imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 SLOW_FOLDERS = {"stages", "e2e", "distributed"}  # training runs through the entry point
 SLOW_CALLS = ("run_cli(", "run_accelerate(", "python_in_fresh_process(", "subprocess.")
 
@@ -34,6 +40,18 @@ def is_slow(item) -> bool:
     return any(call in source for call in SLOW_CALLS)
 
 
+def launches_processes(item) -> bool:
+    """A test that starts `accelerate launch` (a 2-process run)."""
+    import inspect
+
+    if "distributed" in Path(str(item.fspath)).relative_to(ROOT / "tests").parts:
+        return True
+    try:
+        return "run_accelerate(" in inspect.getsource(item.function)
+    except (OSError, TypeError, AttributeError):
+        return False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Mark the slow tests (`-m "not slow"`: the quick tier) and leave the 2-process tests out
@@ -41,6 +59,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is None and is_slow(item):
             item.add_marker(pytest.mark.slow)
+        if launches_processes(item):
+            # accelerate launch listens on one port (29500): such tests share a worker (--dist loadgroup)
+            item.add_marker(pytest.mark.xdist_group("accelerate"))
     if "distributed" not in (config.option.markexpr or ""):
         deselected = [item for item in items if item.get_closest_marker("distributed") is not None]
         if deselected:
