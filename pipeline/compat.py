@@ -57,9 +57,10 @@ HOOKS = (
     ),
     PrivateHook(
         "trl:GRPOTrainer", "_generate_and_score_completions", ("inputs",),
-        used_by="pipeline/grpo_trainer.py: per-row loss weights of zero-variance groups, carried in the returned "
-                "batch's `tool_mask` (TRL multiplies completion_mask by it in the loss, its normaliser, the KL and "
-                "the entropy) and `num_items_in_batch`; writes the trainer's private `_metrics`",
+        used_by="pipeline/grpo_trainer.py: per-row loss weights of zero-variance groups, added to the returned "
+                "batch as `row_weights` with a weighted `num_items_in_batch` (compute_loss applies them where TRL "
+                "applies its `tool_mask`: the loss, its normaliser, the KL and the entropy); writes the trainer's "
+                "private `_metrics`",
         written_against="trl 1.16.0",
         public_replacement="per-completion loss weights returned by a reward hook, and a public metrics logger",
     ),

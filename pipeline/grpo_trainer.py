@@ -17,6 +17,7 @@ from pipeline.report import plot_curves
 from pipeline.resume import ExactResume
 
 LOG_FILE = "log_history.json"
+ROW_WEIGHTS = "row_weights"  # the batch field with each completion's loss weight (zero-variance groups)
 
 
 def zero_variance_weights(rewards: torch.Tensor, num_generations: int, weight: float) -> torch.Tensor:
@@ -84,14 +85,26 @@ class StageGRPOTrainer(ExactResume, GRPOTrainer):
         n_local = output["completion_ids"].size(0)
         start = self.accelerator.process_index * n_local
         local = weights[start : start + n_local].to(output["completion_mask"].device)
-        # TRL multiplies completion_mask by `tool_mask` for the loss, its normaliser, the KL and the
-        # entropy (and nothing else), so a per-row weight there reweights these rows' tokens; the
-        # dapo/cispo normaliser must then count weighted tokens.
-        base = output.get("tool_mask", torch.ones_like(output["completion_mask"]))
-        output["tool_mask"] = base.float() * local.unsqueeze(1)
-        output["num_items_in_batch"] = gather((output["completion_mask"] * output["tool_mask"]).sum()).sum()
+        # The weights travel in their own field (TRL splits and shuffles every per-row tensor of the
+        # batch alike) and meet the loss in compute_loss; TRL's `tool_mask` keeps marking the tool
+        # results (0) apart from the model's tokens (1). The dapo/cispo normaliser counts weighted
+        # model tokens.
+        output[ROW_WEIGHTS] = local
+        model_tokens = output["completion_mask"] * output.get("tool_mask", 1)
+        output["num_items_in_batch"] = gather((model_tokens * local.unsqueeze(1)).sum()).sum()
         self._metrics["train"]["zero_variance_weighted_frac"].append(float((weights < 1.0).float().mean()))
         return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss with the per-row weights applied where TRL applies its tool mask: TRL multiplies
+        completion_mask by `tool_mask` for the loss, its normaliser, the KL and the entropy, and
+        nothing else, so weighting that product weights exactly these rows' tokens."""
+        weights = inputs.get(ROW_WEIGHTS)
+        if weights is not None:
+            tool_mask = inputs.get("tool_mask", torch.ones_like(inputs["completion_mask"]))
+            inputs = {k: v for k, v in inputs.items() if k != ROW_WEIGHTS}
+            inputs["tool_mask"] = tool_mask.float() * weights.unsqueeze(1)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def logged(log_history: list[dict], key: str) -> list[tuple[int, float]]:
@@ -120,6 +133,10 @@ def training_metrics(trainer: StageGRPOTrainer, stage_dir) -> dict[str, float]:
     }
     if kl_curve:
         metrics["kl"] = kl_curve[-1][1]
+    calls, failures = logged(history, "tools/call_frequency"), logged(history, "tools/failure_frequency")
+    if calls:  # TRL's: tool calls per completion, failed share of the calls (each logging window)
+        metrics["tool_calls_per_completion"] = sum(v for _, v in calls) / len(calls)
+        metrics["tool_failure_share"] = sum(v for _, v in failures) / len(failures) if failures else 0.0
     zero_std = [v for _, v in logged(history, "frac_reward_zero_std")]
     if zero_std:
         metrics["frac_reward_zero_std"] = sum(zero_std) / len(zero_std)

@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
-from pipeline import distributed, preemption, rewards, trainer_settings
+from pipeline import distributed, preemption, rewards, tools, trainer_settings
 from pipeline.adapters import build_peft_config
 from pipeline.evaluate import EVAL_SAMPLES, EvalSettings, evaluate, held_out_accuracy
 from pipeline.models import (
@@ -61,6 +61,9 @@ def validate(cfg, input_path: Path | None) -> None:
     check_objective(cfg)
     check_rewards(cfg)
     check_trainable_scope(cfg.stages.grpo, "grpo", cfg.peft.method, cfg.model, input_path)
+    tools.check(cfg.stages.grpo, "grpo")
+    if input_path is not None and tools.uses_tools(cfg.stages.grpo):
+        tools.check_tokenizer(load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code)), "grpo", str(input_path))
 
 
 def check_objective(cfg) -> None:
@@ -109,8 +112,10 @@ def check_rewards(cfg) -> None:
 
 
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
-    """Part of the config hash: the user's reward function sources and the reward model's identity."""
-    return rewards.fingerprint(cfg.stages.grpo, run_dir, planned)
+    """Part of the config hash: the sources of the user's reward functions and tools, and the
+    reward model's identity."""
+    parts = [rewards.fingerprint(cfg.stages.grpo, run_dir, planned), tools.fingerprint(cfg.stages.grpo)]
+    return "|".join(p for p in parts if p) or None
 
 
 def check_data(cfg, task) -> None:
@@ -159,6 +164,7 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         entropy_coef=float(stage_cfg.entropy_coef),
         reward_weights=reward_weights,
         router_aux_loss_coef=None if stage_cfg.router_aux_loss_coef is None else float(stage_cfg.router_aux_loss_coef),
+        max_tool_calling_iterations=stage_cfg.get("max_tool_calling_iterations"),
         **extra,
     )
 
@@ -170,6 +176,7 @@ def build_trainer(model, tokenizer, train_data: Dataset, args: GRPOConfig, rewar
         model=model, reward_funcs=funcs, args=args, train_dataset=train_data, processing_class=tokenizer,
         peft_config=peft_config,
         zero_variance=str(stage_cfg.zero_variance), zero_variance_weight=float(stage_cfg.zero_variance_weight),
+        tools=tools.load_tools(stage_cfg, "grpo") or None, environment_factory=tools.load_environment(stage_cfg, "grpo"),
     )
     if optim_cfg is not None:  # GRPOTrainer's constructor has no optimizer_cls_and_kwargs (trl 1.16)
         trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(optim_cfg, args.learning_rate)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from trl.chat_template_utils import qwen3_chat_template
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -40,12 +41,22 @@ FAMILIES = {
 }
 
 
+# Qwen3 with its real chat template (as TRL ships it: it renders tools, tool calls and tool
+# results, and TRL knows how to parse its replies); the multi-turn tool tests use it
+TOOL_FAMILIES = {
+    "qwen3_tools": ("qwen3", dict(LAYERS, tie_word_embeddings=True, max_position_embeddings=4096),  # the tool schema is long
+                    dict(eos="<|im_end|>", pad="<|endoftext|>", bos=None, template=qwen3_chat_template,
+                         others=["<|im_start|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+                                 "<think>", "</think>"])),
+}
+
+
 def corpus() -> list[str]:
     return [f"Q: {a} + {b} = ?\nA: {a + b}\nuser assistant system" for a in range(60) for b in range(0, 60, 7)]
 
 
 def tokenizer_for(family: str) -> PreTrainedTokenizerFast:
-    special = FAMILIES[family][2]
+    special = {**FAMILIES, **TOOL_FAMILIES}[family][2]
     names = [t for t in (special["eos"], special["pad"], special["bos"], *special["others"]) if t]
     specials = list(dict.fromkeys(names))
     bpe = Tokenizer(models.BPE())
@@ -64,7 +75,7 @@ def save_tiny_family(family: str, directory: Path, seed: int = 0) -> Path:
     """A tiny random `family` checkpoint in `directory` (created), as its hub repo lays it out."""
     import torch
 
-    model_type, kwargs, _ = FAMILIES[family]
+    model_type, kwargs, _ = {**FAMILIES, **TOOL_FAMILIES}[family]
     tokenizer = tokenizer_for(family)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,

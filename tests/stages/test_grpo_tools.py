@@ -1,0 +1,133 @@
+"""grpo with tools (TRL's multi-turn loop) on a tiny Qwen3 with its real chat template: which
+tokens of a two-call rollout carry loss, the zero-variance row weights beside TRL's tool mask,
+and a user's tool module trained through the real entry point."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+
+from pipeline import rewards
+from pipeline.grpo_trainer import ROW_WEIGHTS
+from pipeline.models import load_model
+from pipeline.tokenizer import load_chat_tokenizer
+from pipeline.tasks import build_task
+from stages.grpo import build_trainer, training_args
+from tests.conftest import compose_config, run_cli
+from tests.stages.test_model_families import FAMILY_RUN
+from tests.tiny_models import save_tiny_family
+
+TOOL = '''
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: the first number
+        b: the second number
+    """
+    return a + b
+'''
+# what the scripted model writes in each round of every rollout: two calls, then the answer
+ROUNDS = ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>',
+          '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>',
+          "A: 7<|im_end|>")
+
+
+@pytest.fixture
+def tool_module(tmp_path, monkeypatch):
+    (tmp_path / "calc_tools.py").write_text(TOOL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("calc_tools", None)
+
+
+def scripted_trainer(tmp_path, zero_variance: str):
+    model_dir = save_tiny_family("qwen3_tools", tmp_path / "qwen3")
+    cfg = compose_config(["preset=smoke", "+stages.grpo.tools.add=calc_tools:add", "stages.grpo.num_generations=2",
+                          "stages.grpo.batch_size=4", "stages.grpo.max_new_tokens=200", "stages.grpo.beta=0",
+                          f"stages.grpo.zero_variance={zero_variance}", "stages.grpo.zero_variance_weight=0.25",
+                          "trainer.report_to=none"])
+    stage = cfg.stages.grpo
+    tokenizer = load_chat_tokenizer(model_dir)
+    tokenizer.padding_side = "left"
+    task = build_task(cfg.task)
+    funcs = rewards.build(stage, "grpo", task, tmp_path, False, 8)
+    rows = [{"prompt": [{"role": "user", "content": "1+2+4=?"}], "answer": answer} for answer in ("7", "8")]
+    args = training_args(stage, cfg.optim, cfg.peft, tmp_path / "out", 0, funcs[1])
+    trainer = build_trainer(load_model(str(model_dir)), tokenizer, Dataset.from_list(rows), args, funcs, stage)
+    calls = []
+
+    def generate(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        calls.append(len(prompt_ids))
+        text = ROUNDS[len(calls) - 1]
+        return [tokenizer(text, add_special_tokens=False)["input_ids"] for _ in prompt_ids], None
+
+    trainer._generate_single_turn = generate
+    trainer.model.train()
+    inputs = [row for row in rows for _ in range(2)]  # each prompt's group of num_generations
+    return trainer, tokenizer, trainer._generate_and_score_completions(inputs), calls
+
+
+def test_a_two_call_rollout_puts_loss_on_the_models_tokens_only(tmp_path, tool_module):
+    trainer, tokenizer, out, calls = scripted_trainer(tmp_path, "keep")
+    assert calls == [4, 4, 4]  # every rollout: call, call, answer
+    for row in range(4):
+        ids = out["completion_ids"][row][out["completion_mask"][row].bool()]
+        loss_mask = out["tool_mask"][row][out["completion_mask"][row].bool()]
+        model_text = tokenizer.decode(ids[loss_mask.bool()])
+        tool_text = tokenizer.decode(ids[~loss_mask.bool()])
+        assert model_text == "".join(ROUNDS)  # the model's three turns, end-of-turn markers included, carry loss
+        # the tool results as the chat template renders them carry none
+        assert "<tool_response>\n3\n</tool_response>" in tool_text and "<tool_response>\n7\n</tool_response>" in tool_text
+        assert "<tool_call>" not in tool_text and "A: 7" not in tool_text
+        assert int(loss_mask.sum()) == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in ROUNDS)
+    assert ROW_WEIGHTS not in out  # zero_variance=keep: no weights
+    assert trainer._metrics["train"]["tools/call_frequency"] == [2.0]
+    assert trainer._metrics["train"]["tools/failure_frequency"] == [0.0]
+
+
+def test_row_weights_travel_apart_from_the_tool_mask_and_meet_it_in_the_loss(tmp_path, tool_module):
+    trainer, tokenizer, out, _ = scripted_trainer(tmp_path, "downweight")
+    # every completion answers 7: the group of "7" is all right, the group of "8" all wrong; both flat
+    assert out[ROW_WEIGHTS].tolist() == [0.25, 0.25, 0.25, 0.25]
+    assert set(out["tool_mask"].unique().tolist()) <= {0, 1}  # TRL's mask stays 0/1
+    model_tokens = (out["completion_mask"] * out["tool_mask"]).sum()
+    assert float(out["num_items_in_batch"]) == pytest.approx(0.25 * float(model_tokens))
+    seen = {}
+
+    def record(model, inputs):
+        seen.update(inputs)
+        return torch.zeros((), requires_grad=True)
+
+    trainer._compute_loss = record
+    trainer.compute_loss(trainer.model, out)
+    assert ROW_WEIGHTS not in seen
+    assert torch.equal(seen["tool_mask"], out["tool_mask"].float() * 0.25)  # tool results stay at 0
+
+
+def test_a_users_tool_trains_through_grpo_and_reruns_when_edited(tmp_path, tool_module, monkeypatch):
+    model_dir = save_tiny_family("qwen3_tools", tmp_path / "qwen3")
+    monkeypatch.setenv("PYTHONPATH", str(tool_module))  # the user's module, as PYTHONPATH=. would
+    args = ["model=qwen3", f"model.path={model_dir}", f"run.dir={tmp_path / 'run'}", *FAMILY_RUN,
+            "run.stages=[grpo]", "+stages.grpo.tools.add=calc_tools:add", "stages.grpo.max_tool_calling_iterations=2"]
+    done = run_cli(*args)
+    assert "stage grpo: completed" in done.stdout
+    metrics = json.loads((tmp_path / "run" / "grpo" / "metrics.json").read_text())
+    assert metrics["tool_calls_per_completion"] >= 0 and 0 <= metrics["tool_failure_share"] <= 1
+    (tool_module / "calc_tools.py").write_text(TOOL + "\n# edited\n")
+    again = run_cli(*args, "run.dry_run=true")
+    assert "grpo: would start" in again.stdout or "grpo: would replace" in again.stdout  # an edited tool reruns
+
+
+def test_a_model_whose_template_cannot_show_tools_is_refused_before_compute(tmp_path, tool_module, monkeypatch):
+    model_dir = save_tiny_family("smollm2", tmp_path / "smollm2")  # ChatML that renders message content only
+    monkeypatch.setenv("PYTHONPATH", str(tool_module))
+    refused = run_cli("model=smollm2", f"model.path={model_dir}", f"run.dir={tmp_path / 'run'}", *FAMILY_RUN,
+                      "run.stages=[grpo]", "+stages.grpo.tools.add=calc_tools:add", check=False)
+    assert refused.returncode == 2
+    assert f"stages.grpo.tools: the chat template of {model_dir} does not render tool calls" in refused.stderr
+    assert not (tmp_path / "run").exists()
