@@ -100,14 +100,17 @@ def tokenize_chat(tokenizer, prompt: str | list[dict], completion: str | list[di
     return {"input_ids": input_ids, "completion_mask": [0] * n_prompt + [1] * (len(input_ids) - n_prompt)}
 
 
-def tokenize_messages(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
-    """A whole conversation through the chat template, with completion_mask 1 on every
-    assistant turn (from where it departs from the conversation before it rendered with the
-    generation prompt, to the end of the turn) and 0 on system and user turns."""
+def tokenize_messages(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> dict[str, list[int]]:
+    """A whole conversation through the chat template (with the row's `tools` schemas, which the
+    template shows the model), with completion_mask 1 on every assistant turn, tool calls
+    included (from where it departs from the conversation before it rendered with the generation
+    prompt, to the end of the turn) and 0 on system, user and tool-result turns."""
+
+    template = training_template(tokenizer) if any(t["role"] == "tool" or t.get("tool_calls") for t in messages) else None
 
     def ids(turns, generation_prompt=False) -> list[int]:
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=generation_prompt, tokenize=True,
-                                             return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(turns, tools=tools or None, add_generation_prompt=generation_prompt,
+                                             chat_template=template, tokenize=True, return_dict=True)["input_ids"]
 
     input_ids = ids(messages)
     mask = [0] * len(input_ids)
@@ -123,6 +126,18 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> dict[str, list[int]]:
     return {"input_ids": input_ids, "completion_mask": mask}
 
 
+def training_template(tokenizer) -> str | None:
+    """None when the tokenizer's chat template renders a tool-calling conversation as a prefix of
+    its continuations; else TRL's prefix-preserving training version of it (what TRL's GRPO
+    trains multi-turn rollouts with: e.g. Qwen3's template drops earlier turns' reasoning)."""
+    from trl.chat_template_utils import get_training_chat_template, is_chat_template_prefix_preserving
+
+    if not hasattr(tokenizer, "_pipeline_training_template"):
+        preserving = is_chat_template_prefix_preserving(tokenizer)
+        tokenizer._pipeline_training_template = None if preserving else get_training_chat_template(tokenizer)
+    return tokenizer._pipeline_training_template
+
+
 def tokenize_text(tokenizer, text: str) -> dict[str, list[int]]:
     """A pretraining document as in pretrain (text + eos), every token in the loss."""
     input_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -132,7 +147,7 @@ def tokenize_text(tokenizer, text: str) -> dict[str, list[int]]:
 def tokenize_example(tokenizer, example: dict) -> dict[str, list[int]]:
     """An sft example: a conversation (`messages`) or a prompt/completion pair."""
     if "messages" in example:
-        return tokenize_messages(tokenizer, example["messages"])
+        return tokenize_messages(tokenizer, example["messages"], example.get("tools"))
     return tokenize_chat(tokenizer, example["prompt"], example["completion"])
 
 

@@ -138,23 +138,86 @@ def value_problem(field: str, value, max_chars: int, conversation_ok: bool = Fal
 
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLES = (*ROLES, "tool")  # sft's messages may hold tool calls and their results (TRL's format)
+TURN_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id"}
 
 
-def conversation_problem(value, kind: str, max_chars: int = DEFAULT_MAX_CHARS) -> str | None:
+def without_nulls(value):
+    """A JSON value with its null object members dropped: a column's rows share one Arrow type, so
+    `datasets` gives every object the keys any row has (a tool call's arguments, a schema's
+    properties), null where that row has none."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+def tool_call_problem(call, number: int) -> str | None:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        return (f"turn {number} has a tool call that is not {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                f"\"arguments\": {{...}}}}}} ({str(call)[:80]})")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return f"turn {number} calls {function['name']!r} with arguments that are not a JSON object"
+    if not isinstance(arguments, dict):
+        return f"turn {number} calls {function['name']!r} with arguments that are not an object"
+    return None
+
+
+def tool_turns_problem(value: list[dict], tools) -> str | None:
+    """The tool-calling parts of a messages conversation: every tool turn answers a call made
+    before it, and every call names a tool of the row's `tools` column."""
+    names = None if tools is None else {t.get("function", t).get("name") for t in tools if isinstance(t, dict)}
+    pending = 0
+    for number, turn in enumerate(value, start=1):
+        if turn["role"] == "assistant" and turn.get("tool_calls"):
+            if names is None:
+                return f"turn {number} calls tools, and the row has no tools column (TRL's format: the JSON schemas of the tools)"
+            for call in turn["tool_calls"]:
+                problem = tool_call_problem(call, number)
+                if problem:
+                    return problem
+                if call["function"]["name"] not in names:
+                    return (f"turn {number} calls {call['function']['name']!r}, which is not among the row's tools "
+                            f"({', '.join(sorted(n for n in names if n))})")
+            pending = len(turn["tool_calls"])
+        elif turn["role"] == "tool":
+            if pending == 0:
+                return f"turn {number} is a tool result with no tool call before it to answer"
+            pending -= 1
+        elif turn["role"] != "system":
+            pending = 0
+    return None
+
+
+def conversation_problem(value, kind: str, max_chars: int = DEFAULT_MAX_CHARS, tools=None) -> str | None:
     """What is wrong with a conversation value (a list of {role, content} turns; a system turn
-    only first), or None. kind: "messages" (at least one assistant turn), "implicit" (a whole
-    preference conversation: ends with the assistant's answer), "prompt" (ends with a user turn),
-    "answer" (assistant turns only: an explicit preference answer)."""
+    only first), or None. kind: "messages" (at least one assistant turn; tool calls and tool
+    results allowed, checked against the row's `tools`), "implicit" (a whole preference
+    conversation: ends with the assistant's answer), "prompt" (ends with a user turn), "answer"
+    (assistant turns only: an explicit preference answer)."""
     if not isinstance(value, list) or not value:
         return (f"the value is {type(value).__name__ if value is not None else 'null'}, not a conversation; "
                 "write a list of {\"role\": ..., \"content\": ...} turns")
+    roles = TOOL_ROLES if kind == "messages" else ROLES
     for number, turn in enumerate(value, start=1):
-        if not isinstance(turn, dict) or set(turn) - {"role", "content", "name"} or "role" not in turn:
+        if isinstance(turn, dict):
+            turn = {k: v for k, v in turn.items() if v is not None}
+        if not isinstance(turn, dict) or set(turn) - TURN_KEYS or "role" not in turn:
             return f"turn {number} is not a {{\"role\", \"content\"}} object ({str(turn)[:60]})"
-        if turn["role"] not in ROLES:
-            return f"turn {number} has role {turn['role']!r}; roles are {', '.join(ROLES)}"
+        if turn["role"] not in roles:
+            return f"turn {number} has role {turn['role']!r}; roles are {', '.join(roles)}"
+        if (turn.get("tool_calls") or turn.get("tool_call_id")) and kind != "messages":
+            return f"turn {number} has tool calls; only sft's messages column may hold tool-calling conversations"
         if turn["role"] == "system" and number != 1:
             return f"turn {number} is a system turn; only the first turn may be one"
+        if turn["role"] == "assistant" and turn.get("tool_calls") and "content" not in turn:
+            continue  # a turn that only calls tools
         if not isinstance(turn.get("content"), str):
             return f"turn {number}'s content is {type(turn.get('content')).__name__}, not a string"
         if len(turn["content"]) > max_chars:
@@ -163,12 +226,29 @@ def conversation_problem(value, kind: str, max_chars: int = DEFAULT_MAX_CHARS) -
     roles = [turn["role"] for turn in value]
     if kind == "messages" and "assistant" not in roles:
         return "the conversation has no assistant turn, so nothing to train on"
+    if kind == "messages" and (tools is not None or any(t.get("tool_calls") or t["role"] == "tool" for t in value)):
+        problem = tool_turns_problem(value, tools)
+        if problem:
+            return problem
     if kind == "implicit" and roles[-1] != "assistant":
         return "the conversation does not end with the assistant's answer"
     if kind == "prompt" and roles[-1] != "user":
         return "the prompt conversation does not end with a user turn"
     if kind == "answer" and set(roles) != {"assistant"}:
         return "an answer holds assistant turns only (the prompt goes in the prompt column)"
+    return None
+
+
+def tools_problem(value) -> str | None:
+    """What is wrong with a row's `tools` value (TRL's format: a list of JSON schemas of functions)."""
+    if value is None:
+        return None  # a row without tools (allowed while it calls none)
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        return "the value is not a list of tool schemas ({\"type\": \"function\", \"function\": {\"name\": ...}})"
+    for number, tool in enumerate(value, start=1):
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return f"tool {number} has no function name ({str(tool)[:80]})"
     return None
 
 
@@ -251,10 +331,15 @@ class JsonlTask(Task):
         out = []
         for index, row in enumerate(rows.select_columns(list(dict.fromkeys([*wanted.values(), *others])))):
             values = {column: row[column] for column in others}
+            tools = without_nulls(row[wanted["tools"]]) if "tools" in wanted else None
             for field, column in wanted.items():
                 value, (kind, string_ok) = row[column], forms[field]
-                if kind and (isinstance(value, list) or not string_ok):
-                    problem = conversation_problem(value, kind, max_chars)
+                if field == "tools":
+                    problem = tools_problem(value)
+                    value = tools
+                elif kind and (isinstance(value, list) or not string_ok):
+                    problem = conversation_problem(value, kind, max_chars, tools)
+                    value = without_nulls(value) if field == "messages" else value
                 else:
                     problem = value_problem(field, value, max_chars, conversation_ok=kind is not None)
                 if problem:
@@ -288,7 +373,10 @@ class JsonlTask(Task):
         return [self.text_prompt(r["prompt"]) + r["answer"] for r in self._read("eval", ["prompt", "answer"])]
 
     def sft_examples(self) -> list[dict]:
-        return self._read("sft", self._sft_fields())
+        """{messages[, tools]} or {prompt, completion} rows; `tools` (the JSON schemas a
+        tool-calling conversation's template renders) when the split has that column."""
+        fields = self._sft_fields()
+        return self._read("sft", fields, optional=("tools",) if fields == ["messages"] else ())
 
     def preference_pairs(self) -> list[dict]:
         """Strings or conversations as the file has them; the implicit-prompt form (no prompt

@@ -131,3 +131,47 @@ def test_a_model_whose_template_cannot_show_tools_is_refused_before_compute(tmp_
     assert refused.returncode == 2
     assert f"stages.grpo.tools: the chat template of {model_dir} does not render tool calls" in refused.stderr
     assert not (tmp_path / "run").exists()
+
+
+ENVIRONMENT = '''
+
+class Tally:
+    """A running total the model adds to (TRL's environment protocol)."""
+
+    def reset(self, **row):
+        self.total = 0
+
+    def add_to_total(self, x: int) -> int:
+        """Add a number to the running total and return the total.
+
+        Args:
+            x: the number to add
+        """
+        self.total += x
+        return self.total
+'''
+
+
+def test_a_users_tools_and_environment_train_through_sft_grpo_and_test_time(tmp_path, tool_module, monkeypatch):
+    from tests.unit.test_sft_tools import row, write
+
+    (tool_module / "calc_tools.py").write_text(TOOL + ENVIRONMENT)
+    monkeypatch.setenv("PYTHONPATH", str(tool_module))
+    model_dir = save_tiny_family("qwen3_tools", tmp_path / "qwen3")
+    sft = write(tmp_path / "sft.jsonl", [row(a, b, c) for a in range(1, 9) for b in (2, 5) for c in (3, 4)])
+    problems = [{"prompt": f"{a}+{b}+4=?", "answer": str(a + b + 4)} for a in range(1, 9) for b in (2, 5)]
+    rl, held_out = write(tmp_path / "rl.jsonl", problems), write(tmp_path / "eval.jsonl", problems[:8])
+    args = ["model=qwen3", f"model.path={model_dir}", f"run.dir={tmp_path / 'run'}", *FAMILY_RUN, "task=jsonl",
+            f"task.splits.sft={sft}", f"task.splits.rl={rl}", f"task.splits.eval={held_out}",
+            "run.stages=[sft,grpo,test_time]", "stages.sft.eval_examples=4", "stages.sft.max_length=1024",
+            "+stages.grpo.tools.add=calc_tools:add", "stages.grpo.environment=calc_tools:Tally",
+            "stages.grpo.max_tool_calling_iterations=2", "stages.test_time.methods=[greedy]"]
+    done = run_cli(*args)
+    run = tmp_path / "run"
+    sft_metrics = json.loads((run / "sft" / "metrics.json").read_text())
+    assert sft_metrics["train_loss"] < sft_metrics["train_loss_first"]  # it learns the tool-calling traces
+    grpo_metrics = json.loads((run / "grpo" / "metrics.json").read_text())
+    assert "tool_calls_per_completion" in grpo_metrics and "stage test_time: completed" in done.stdout
+    (tool_module / "calc_tools.py").write_text(TOOL + ENVIRONMENT + "\n# the environment edited\n")
+    again = run_cli(*args, "run.dry_run=true")
+    assert "grpo: would replace" in again.stdout and "sft: would skip" in again.stdout
