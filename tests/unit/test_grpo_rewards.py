@@ -12,7 +12,7 @@ from pipeline.models import build_model, restrict_trainable
 from pipeline.tasks import build_task
 from pipeline.tokenizer import train_tokenizer
 from pipeline.runner import ConfigError
-from pipeline.grpo_trainer import StageGRPOTrainer, zero_variance_weights
+from pipeline.grpo_trainer import ROW_WEIGHTS, StageGRPOTrainer, zero_variance_weights
 from stages.grpo import build_dataset, training_args
 from pipeline.rewards import format_reward, verifier_reward
 from tests.conftest import compose_config
@@ -143,7 +143,8 @@ def test_zero_variance_groups_are_filtered_or_downweighted(tiny_policy, tmp_path
     # the flat groups have no signal either way
     assert out["advantages"][4:12].abs().max() == 0
     expected = torch.tensor([1.0] * 4 + [weight] * 8 + [1.0] * 4)
-    loss_weight = out["tool_mask"]  # TRL's loss mask is completion_mask * tool_mask
+    # TRL's loss mask is completion_mask * tool_mask; compute_loss multiplies the row weights into it
+    loss_weight = out.get("tool_mask", torch.ones_like(out["completion_mask"])) * out[ROW_WEIGHTS].unsqueeze(1)
     assert loss_weight.shape == out["completion_mask"].shape
     rows = (loss_weight * out["completion_mask"]).amax(dim=1)
     torch.testing.assert_close(rows, expected * (out["completion_mask"].sum(dim=1) > 0))
