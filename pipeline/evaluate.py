@@ -66,12 +66,14 @@ def generate(
     max_new_tokens: int = 64,
     batch_size: int = 64,
     before_batch: Callable[[], None] | None = None,
+    skip_special_tokens: bool = True,
 ) -> tuple[list[list[str]], list[list[int]]]:
     """Completions (and their generated-token counts) for each prompt, `num_samples` each.
 
     temperature 0 means greedy. Sampling is pure ancestral sampling (no top-k/top-p), so
     "temperature 1" is the model's own distribution. `before_batch` is called before each
-    batch and may raise to stop (test_time's preemption check).
+    batch and may raise to stop (test_time's preemption check). `skip_special_tokens` False keeps
+    the markers a response template parses (tool calls).
     """
     stops = stop_token_ids(tokenizer)
     config = GenerationConfig(
@@ -102,7 +104,7 @@ def generate(
                 for i in range(0, new.shape[0], num_samples):
                     rows = new[i : i + num_samples]
                     lengths = [generated_length(row, stops) for row in rows]
-                    texts.append([tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(rows, lengths)])
+                    texts.append([tokenizer.decode(row[:n], skip_special_tokens=skip_special_tokens) for row, n in zip(rows, lengths)])
                     counts.append(lengths)
     finally:
         tokenizer.padding_side = padding_side
@@ -128,12 +130,16 @@ def evaluate(
     ks: tuple[int, ...] = (1,),
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    tools=None,
 ) -> EvalResult:
-    prompts = render_prompts(tokenizer, task, [p["prompt"] for p in problems], prompt_format)
-    texts, counts = generate(
-        model, tokenizer, prompts, temperature=temperature, num_samples=num_samples,
-        max_new_tokens=max_new_tokens, batch_size=batch_size,
-    )
+    """`tools`: a pipeline.tool_loop.ToolSetup; the model then answers in the chat format with the
+    tool loop it was trained with (each round up to max_new_tokens)."""
+    options = dict(temperature=temperature, num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if tools is not None and prompt_format == "chat":
+        texts, counts = tools.generate(model, tokenizer, [p["prompt"] for p in problems], problems, **options)
+    else:
+        prompts = render_prompts(tokenizer, task, [p["prompt"] for p in problems], prompt_format)
+        texts, counts = generate(model, tokenizer, prompts, **options)
     rewards = [[task.verify(t, p["answer"]) for t in samples] for samples, p in zip(texts, problems)]
     n = len(problems)
     correct = [sum(r >= 1.0 for r in row) for row in rewards]
@@ -164,13 +170,14 @@ class EvalSettings:
 
 
 def evaluate_policy(model, tokenizer, task, settings: EvalSettings, seed: int,
-                    samples_path: Path | None = None) -> dict[str, float]:
+                    samples_path: Path | None = None, tools=None) -> dict[str, float]:
     """A policy stage's held-out numbers in the chat format: greedy accuracy and sampled
     (temperature 1) accuracy. The sampled figure is the mean over `settings.samples` samples per
     problem (pass@1), which narrows its sampling noise. With samples_path, every problem's greedy
     answer and samples with their verdicts go there as JSON lines (main process)."""
     problems = task.eval_problems()[: settings.problems]
-    options = dict(prompt_format="chat", max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+    options = dict(prompt_format="chat", max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                   tools=tools)
     greedy = evaluate(model, tokenizer, task, problems, **options)
     set_seed(seed)
     samples = int(settings.samples)
@@ -187,6 +194,7 @@ def evaluate_policy(model, tokenizer, task, settings: EvalSettings, seed: int,
         "eval_samples": samples,
         "eval_tokens_per_problem": greedy.tokens_per_problem,
         "eval_num_problems": greedy.num_problems,
+        **(tools.stats.as_metrics("eval") if tools is not None else {}),
     }
 
 
@@ -194,11 +202,11 @@ EVAL_SAMPLES = "eval_samples.jsonl"  # in a policy stage's dir: its held-out ans
 
 
 def held_out_accuracy(model, tokenizer, task, settings: EvalSettings, seed: int, autocast, stage: str,
-                      samples_path: Path | None = None) -> dict[str, float]:
+                      samples_path: Path | None = None, tools=None) -> dict[str, float]:
     """evaluate_policy under `autocast` (the stage's precision) when the task has eval problems
     with answers; else {} and a line saying so (a chat or preference set has none)."""
     if not task.has_split("eval"):
         log(f"stage {stage}: the task has no eval split (problems with answers): no answer accuracy")
         return {}
     with autocast:
-        return evaluate_policy(model, tokenizer, task, settings, seed, samples_path)
+        return evaluate_policy(model, tokenizer, task, settings, seed, samples_path, tools)

@@ -40,6 +40,7 @@ from pipeline.prompt_filter import FILTER_FILE, prompt_pass_rates, selected_prom
 from pipeline.errors import ConfigError
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
+from pipeline.tool_loop import ToolSetup
 from pipeline.training_args import build_training_args
 
 SPLITS = ("rl",)
@@ -200,10 +201,13 @@ def pass_rate_curve(ctx, tokenizer) -> PassRateCurve:
     cfg = ctx.stage_cfg
     problems = ctx.task.eval_problems()[: cfg.curve_problems]
 
+    setup = ToolSetup.of(cfg, "grpo")  # the curve measures the agent, with the tools it trains with
+
     def measure(policy) -> float:
         with ctx.autocast():
             return evaluate(policy, tokenizer, ctx.task, problems, temperature=float(cfg.curve_temperature),
-                            prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size).accuracy
+                            prompt_format="chat", max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                            tools=setup).accuracy
 
     return PassRateCurve(measure, int(cfg.eval_every), int(cfg.num_iterations), ctx.stage_dir / CURVE_FILE, ctx.seed)
 
@@ -235,7 +239,7 @@ def run(ctx) -> dict[str, float]:
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, ctx.save_dtype())
     accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.seed, ctx.autocast(), ctx.name,
-                                 ctx.stage_dir / EVAL_SAMPLES)
+                                 ctx.stage_dir / EVAL_SAMPLES, tools=ToolSetup.of(cfg, "grpo"))
 
     metrics = {
         **accuracy,
