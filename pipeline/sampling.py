@@ -484,17 +484,25 @@ class MethodResult:
 
 
 def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature: float, n: int, cache: dict | None,
-             before_batch: Callable[[], None] | None = None):
-    """(texts, counts, seconds) of n samples per prompt; from `cache` if these were drawn before."""
+             before_batch: Callable[[], None] | None = None, tools=None, problems: list[dict] | None = None):
+    """(texts, counts, seconds, tool calls and failures or None) of n samples per prompt; from
+    `cache` if these were drawn before. With `tools` (a pipeline.tool_loop.ToolSetup) each sample
+    is a tool-using conversation on its problem."""
     key = (tuple(prompts), temperature, n)
     if cache is not None and key in cache:
         return cache[key]
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
-    texts, counts = generate(model, tokenizer, prompts, temperature=temperature, num_samples=n,
-                             max_new_tokens=settings.max_new_tokens, batch_size=max(1, settings.batch_size // n),
-                             before_batch=before_batch)
-    result = (texts, counts, time.perf_counter() - start)
+    options = dict(temperature=temperature, num_samples=n, max_new_tokens=settings.max_new_tokens,
+                   batch_size=max(1, settings.batch_size // n))
+    if tools is None:
+        texts, counts = generate(model, tokenizer, prompts, before_batch=before_batch, **options)
+        calls = None
+    else:
+        before = (tools.stats.calls, tools.stats.failures)
+        texts, counts = tools.generate(model, tokenizer, [p["prompt"] for p in problems], problems, **options)
+        calls = (tools.stats.calls - before[0], tools.stats.failures - before[1])
+    result = (texts, counts, time.perf_counter() - start, calls)
     if cache is not None:
         cache[key] = result
     return result
@@ -502,13 +510,17 @@ def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature:
 
 def run_method(method: str, model, tokenizer, task, problems: list[dict], settings: TestTimeSettings,
                score: Callable[[list[dict], list[str]], list[float]] | None = None, cache: dict | None = None,
-               before_batch: Callable[[], None] | None = None) -> MethodResult:
+               before_batch: Callable[[], None] | None = None, tools=None) -> MethodResult:
     """Answer every problem with `method` (one of METHODS), chat format; accuracy by the task's
     verifier, cost in generated tokens. Pass one `cache` dict to several calls and majority_vote
     and best_of_n choose among the same candidates, drawn once; each still reports their full
     cost (tokens and the time it took to draw them). `before_batch` is called before each
     generation batch and may raise to stop (test_time's preemption check). best_of_n keeps
-    the candidate with the highest `score(problems, texts)` (the problem of each text)."""
+    the candidate with the highest `score(problems, texts)` (the problem of each text). With
+    `tools` (a pipeline.tool_loop.ToolSetup) the sampling methods answer with the tool loop and
+    report tool calls per problem and the failed share; power sampling has none (refused)."""
+    if method == "power" and tools is not None:
+        raise ValueError("power sampling has no tool loop; it would measure the model without its tools")
     if method not in METHODS:
         raise ValueError(f"unknown test-time method {method!r}; valid: {', '.join(METHODS)}")
     if method == "best_of_n" and score is None:
@@ -518,7 +530,8 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
     extras: dict[str, float] = {}
     if method in ("greedy", "sample", "low_temperature"):
         temperature = {"greedy": 0.0, "sample": settings.sample_temperature, "low_temperature": 1.0 / settings.alpha}[method]
-        texts, counts, _ = _samples(model, tokenizer, prompts, settings, temperature, 1, None, before_batch)
+        texts, counts, _, calls = _samples(model, tokenizer, prompts, settings, temperature, 1, None, before_batch,
+                                           tools, problems)
         chosen, cost = [t[0] for t in texts], [c[0] for c in counts]
     elif method == "power":
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -530,10 +543,11 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
         chosen = [tokenizer.decode(t, skip_special_tokens=True) for t in result.token_ids]
         cost = result.generated_tokens
         extras["acceptance_rate"] = result.acceptance_rate
+        calls = None
     else:
         before = time.perf_counter()
-        texts, counts, drawing = _samples(model, tokenizer, prompts, settings, settings.sample_temperature,
-                                          settings.num_samples, cache, before_batch)
+        texts, counts, drawing, calls = _samples(model, tokenizer, prompts, settings, settings.sample_temperature,
+                                                 settings.num_samples, cache, before_batch, tools, problems)
         drawing -= time.perf_counter() - before  # the part of the drawing time not spent in this call
         scores = None
         if method == "majority_vote":
@@ -547,6 +561,9 @@ def run_method(method: str, model, tokenizer, task, problems: list[dict], settin
         chosen, cost = [c[k] for c, k in zip(texts, picks)], [sum(c) for c in counts]
     rewards = [task.verify(text, p["answer"]) for text, p in zip(chosen, problems)]
     n = max(len(problems), 1)
+    if calls is not None:
+        extras["tool_calls_per_problem"] = calls[0] / n
+        extras["tool_failure_share"] = calls[1] / calls[0] if calls[0] else 0.0
     wall = time.perf_counter() - start + drawing
     result = MethodResult(method, sum(rewards) / n, sum(cost) / n, wall, len(problems), chosen, extras)
     if method in ("majority_vote", "best_of_n"):

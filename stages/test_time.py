@@ -20,13 +20,14 @@ import functools
 import json
 from pathlib import Path
 
-from pipeline import artifacts, distributed, preemption, rewards
+from pipeline import artifacts, distributed, preemption, rewards, tools
 from pipeline.models import ADAPTER_CONFIG, is_adapter_checkpoint, load_policy
 from pipeline.report import STAGE_SUMMARY, format_value
 from pipeline.errors import ConfigError
 from pipeline.log import log
 from pipeline.sampling import METHODS, VIRTUAL_TOKEN_TYPES, MethodResult, TestTimeSettings, run_method
 from pipeline.tokenizer import load_chat_tokenizer
+from pipeline.tool_loop import ToolSetup
 
 SPLITS = ("eval",)
 USES = ("task", "trainer")
@@ -45,13 +46,15 @@ def chosen_methods(cfg, run_dir: Path) -> tuple[list[str], str | None]:
         if stage.methods != AUTO:
             raise ConfigError(f"stages.test_time.methods={stage.methods}: must be {AUTO} or a list of methods from "
                               f"{', '.join(METHODS)}")
+        # power sampling has no tool loop: with tools it is left out (run() says so)
+        methods = [m for m in METHODS if not (m == "power" and tools.uses_tools(stage))]
         try:
             check_best_of_n(cfg, run_dir)
-            return list(METHODS), None
+            return methods, None
         except ConfigError as err:
             if str(stage.reward_model) != rewards.AUTO or set(rewards.active(stage)) != {"reward_model"}:
                 raise  # a reward the user set up that does not work is an error, not a reason to leave it out
-            return [m for m in METHODS if m != "best_of_n"], str(err)
+            return [m for m in methods if m != "best_of_n"], str(err)
     return list(stage.methods), None
 
 
@@ -80,6 +83,12 @@ def validate(cfg, input_path: Path | None) -> None:
         if not ok:
             raise ConfigError(f"stages.test_time.{name}={stage[name]} is out of range "
                               "(alpha >= 1, mcmc_steps >= 0, temperature > 0, the rest >= 1)")
+    tools.check(stage, "test_time")
+    if "power" in methods and tools.uses_tools(stage):
+        raise ConfigError("stages.test_time.methods lists power, and the policy answers with tools "
+                          "(stages.test_time.tools / environment, by default grpo's): power sampling has no tool loop "
+                          "and would measure the model without them; drop power from the methods, or set "
+                          "stages.test_time.tools={} stages.test_time.environment=null to measure the bare model")
     if "best_of_n" in methods and not isinstance(stage.methods, str):  # auto has checked it already
         check_best_of_n(cfg, run_dir)
     if input_path is None:
@@ -93,17 +102,21 @@ def validate(cfg, input_path: Path | None) -> None:
                 "evaluate a full, LoRA, prefix or prompt tuning checkpoint"
             )
     try:
-        load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+        tokenizer = load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code))
     except ValueError as err:
         raise ConfigError(f"test_time input: {err}") from err
+    if tools.uses_tools(stage):
+        tools.check_tokenizer(tokenizer, "test_time", str(input_path))
 
 
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
-    """Part of the config hash when best_of_n runs: the user's reward function sources and the
-    reward model's identity (a new reward model in the run reruns test_time)."""
-    if "best_of_n" not in chosen_methods(cfg, run_dir)[0]:
-        return None
-    return rewards.fingerprint(cfg.stages.test_time, run_dir, planned)
+    """Part of the config hash: the sources of the tools the policy answers with, and when
+    best_of_n runs, of the user's reward functions and the reward model's identity (a new reward
+    model in the run reruns test_time)."""
+    parts = [tools.fingerprint(cfg.stages.test_time)]
+    if "best_of_n" in chosen_methods(cfg, run_dir)[0]:
+        parts.append(rewards.fingerprint(cfg.stages.test_time, run_dir, planned))
+    return "|".join(p for p in parts if p) or None
 
 
 def summary_table(results: list[MethodResult], settings: TestTimeSettings) -> str:
@@ -183,6 +196,10 @@ def run(ctx) -> dict[str, float]:
     methods, left_out = chosen_methods(ctx.cfg, ctx.run_dir)
     if left_out:
         log(f"stage test_time: best_of_n left out of methods=auto: no reward to rank candidates by ({left_out})")
+    setup = ToolSetup.of(cfg, "test_time")
+    if setup is not None and isinstance(cfg.methods, str):
+        log("stage test_time: power left out of methods=auto: the policy answers with tools, and power sampling has "
+            "no tool loop")
     score = None
     if "best_of_n" in methods:
         funcs, weights = rewards.build(cfg, "test_time", ctx.task, ctx.run_dir, trust, settings.batch_size, dtype)
@@ -191,7 +208,7 @@ def run(ctx) -> dict[str, float]:
     results, candidates = [], {}  # majority_vote and best_of_n share their candidates
     for method in methods:
         result = run_method(method, model, tokenizer, ctx.task, problems, settings, score, candidates,
-                            before_batch=lambda: stop_if_preempted(ctx.run_dir, method))
+                            before_batch=lambda: stop_if_preempted(ctx.run_dir, method), tools=setup)
         log(f"stage test_time: {method}: accuracy {result.accuracy:.3f}, {result.tokens_per_problem:.1f} tokens/problem, "
             f"{result.wall_time_s:.1f}s")
         results.append(result)

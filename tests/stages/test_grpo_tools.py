@@ -173,6 +173,8 @@ def test_a_users_tools_and_environment_train_through_sft_grpo_and_test_time(tmp_
     grpo_metrics = json.loads((run / "grpo" / "metrics.json").read_text())
     assert "tool_calls_per_completion" in grpo_metrics and "stage test_time: completed" in done.stdout
     assert "eval_tool_calls_per_problem" in grpo_metrics  # held-out answers with the tools it trained with
+    test_time_metrics = json.loads((run / "test_time" / "metrics.json").read_text())
+    assert "tool_calls_per_problem/greedy" in test_time_metrics  # test_time too (grpo's tools by default)
     (tool_module / "calc_tools.py").write_text(TOOL + ENVIRONMENT + "\n# the environment edited\n")
     again = run_cli(*args, "run.dry_run=true")
     assert "grpo: would replace" in again.stdout and "sft: would skip" in again.stdout

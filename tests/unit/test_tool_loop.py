@@ -99,3 +99,58 @@ def test_each_sample_gets_a_fresh_environment_reset_with_its_row(tokenizer):
                                       ToolSetup(environment=Tally), num_samples=2, generate_fn=scripted(replies, seen))
     assert stats.conversations == 4 and stats.calls == 8
     assert all("<tool_response>\n7\n</tool_response>" in prompt for prompt in seen[2])  # 5 + 2 in each, not shared
+
+
+class Scripted(ToolSetup):
+    """Every sample answers "A: 7" after two tool calls (no model)."""
+
+    def generate(self, model, tokenizer, prompts, rows, **options):
+        n = options["num_samples"]
+        self.stats.calls += 2 * len(prompts) * n
+        self.stats.conversations += len(prompts) * n
+        return [["A: 7"] * n for _ in prompts], [[5] * n for _ in prompts]
+
+
+def test_test_time_methods_answer_with_tools_and_count_their_calls(tokenizer):
+    from pipeline.sampling import TestTimeSettings, run_method
+    from pipeline.tasks import build_task
+    from tests.conftest import compose_config
+
+    task = build_task(compose_config(["preset=smoke"]).task)
+    problems = [{"prompt": "1+2+4=?", "answer": "7"}, {"prompt": "1+1=?", "answer": "2"}]
+    settings, setup, cache = TestTimeSettings(num_samples=4), Scripted((add,)), {}
+    greedy = run_method("greedy", None, tokenizer, task, problems, settings, tools=setup)
+    assert greedy.accuracy == 0.5 and greedy.extras == {"tool_calls_per_problem": 2.0, "tool_failure_share": 0.0}
+    vote = run_method("majority_vote", None, tokenizer, task, problems, settings, cache=cache, tools=setup)
+    best = run_method("best_of_n", None, tokenizer, task, problems, settings, score=lambda p, t: [1.0] * len(t),
+                      cache=cache, tools=setup)
+    assert vote.extras["tool_calls_per_problem"] == best.extras["tool_calls_per_problem"] == 8.0  # the same candidates
+    assert setup.stats.calls == 2 * 2 + 2 * 2 * 4  # best_of_n drew nothing new
+    with pytest.raises(ValueError, match="power sampling has no tool loop"):
+        run_method("power", None, tokenizer, task, problems, settings, tools=setup)
+
+
+def test_test_time_takes_grpos_tools_leaves_power_out_of_auto_and_refuses_it_listed(tmp_path, monkeypatch):
+    import sys
+
+    from pipeline.errors import ConfigError
+    from stages import test_time
+    from tests.conftest import compose_config
+
+    (tmp_path / "calc_tools.py").write_text("from tests.unit.test_tool_loop import add\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cfg = compose_config(["+stages.grpo.tools.add=calc_tools:add", "stages.test_time.reward_weights={}",
+                              "+stages.test_time.reward_functions.one=tests.unit.test_tool_loop:add",
+                              f"run.dir={tmp_path / 'run'}"])
+        methods, _ = test_time.chosen_methods(cfg, tmp_path / "run")
+        assert "power" not in methods and "greedy" in methods
+        listed = compose_config(["+stages.grpo.tools.add=calc_tools:add", "stages.test_time.methods=[greedy,power]",
+                                 f"run.dir={tmp_path / 'run'}"])
+        with pytest.raises(ConfigError, match=r"stages.test_time.methods lists power, and the policy answers with tools"):
+            test_time.validate(listed, None)
+        bare = compose_config(["+stages.grpo.tools.add=calc_tools:add", "stages.test_time.methods=[greedy,power]",
+                               "stages.test_time.tools={}", f"run.dir={tmp_path / 'run'}"])
+        test_time.validate(bare, None)  # the bare model: power runs
+    finally:
+        sys.modules.pop("calc_tools", None)
