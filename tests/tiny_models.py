@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-from trl.chat_template_utils import qwen3_chat_template
+from trl.chat_template_utils import llama3_2_chat_template, qwen3_chat_template
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -41,13 +41,18 @@ FAMILIES = {
 }
 
 
-# Qwen3 with its real chat template (as TRL ships it: it renders tools, tool calls and tool
-# results, and TRL knows how to parse its replies); the multi-turn tool tests use it
+# Qwen3 and Llama 3.2 with their real chat templates (as TRL ships them: they render tools, tool
+# calls and tool results, and TRL knows how to parse their replies); the multi-turn tool tests use them
 TOOL_FAMILIES = {
     "qwen3_tools": ("qwen3", dict(LAYERS, tie_word_embeddings=True, max_position_embeddings=4096),  # the tool schema is long
                     dict(eos="<|im_end|>", pad="<|endoftext|>", bos=None, template=qwen3_chat_template,
                          others=["<|im_start|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
                                  "<think>", "</think>"])),
+    # Llama 3.2's real template (tools as JSON in the user turn, calls as JSON replies)
+    "llama3_tools": ("llama", dict(LAYERS, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=4096),
+                     dict(eos="<|eot_id|>", pad=None, bos="<|begin_of_text|>", template=llama3_2_chat_template,
+                          others=["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>",
+                                  "<|eom_id|>"])),
 }
 
 

@@ -123,6 +123,16 @@ def test_a_users_tool_trains_through_grpo_and_reruns_when_edited(tmp_path, tool_
     assert "grpo: would start" in again.stdout or "grpo: would replace" in again.stdout  # an edited tool reruns
 
 
+@pytest.mark.parametrize("family, model", [("qwen3_tools", "qwen3"), ("llama3_tools", "llama3")])
+def test_each_family_with_a_tool_template_runs_a_grpo_step_with_a_tool(tmp_path, tool_module, monkeypatch, family, model):
+    model_dir = save_tiny_family(family, tmp_path / family)
+    monkeypatch.setenv("PYTHONPATH", str(tool_module))
+    run_cli(f"model={model}", f"model.path={model_dir}", f"run.dir={tmp_path / 'run'}", *FAMILY_RUN, "run.stages=[grpo]",
+            "stages.grpo.max_steps=1", "stages.grpo.save_steps=1", "+stages.grpo.tools.add=calc_tools:add")
+    metrics = json.loads((tmp_path / "run" / "grpo" / "metrics.json").read_text())
+    assert metrics["train_steps"] == 1 and "tool_calls_per_completion" in metrics
+
+
 def test_a_model_whose_template_cannot_show_tools_is_refused_before_compute(tmp_path, tool_module, monkeypatch):
     model_dir = save_tiny_family("smollm2", tmp_path / "smollm2")  # ChatML that renders message content only
     monkeypatch.setenv("PYTHONPATH", str(tool_module))
