@@ -144,7 +144,7 @@ RULES: dict[str, Rule] = {
     "reward_weights": Rule("mapping"), "reward_model": TEXT, "reward_functions": Rule("any"),
     "tools": Rule("any"), "environment": Rule("text", null="no environment"),
     "max_tool_calling_iterations": Rule("int", low=1, null="until the model stops calling tools"),
-    "tool_timeout_s": POSITIVE,
+    "tool_timeout_s": POSITIVE, "tools_from": Rule("text", null="the bare model, no tools"),
     "optim": Rule("any", null="the optim group as is"),
     "trainer": Rule("any", null="the trainer group as is"),  # a stage's optim overrides: checked merged over the optim group below
     "router_aux_loss_coef": Rule("number", low=0, null="the model config's coefficient"),

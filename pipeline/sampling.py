@@ -486,11 +486,12 @@ class MethodResult:
 def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature: float, n: int, cache: dict | None,
              before_batch: Callable[[], None] | None = None, tools=None, problems: list[dict] | None = None):
     """(texts, counts, seconds, tool calls and failures or None) of n samples per prompt; from
-    `cache` if these were drawn before. With `tools` (a pipeline.tool_loop.ToolSetup) each sample
-    is a tool-using conversation on its problem."""
+    `cache` if these were drawn before (the cache keeps (texts, counts, seconds) under the
+    samples' key and the tool counts under ("tools", key)). With `tools` (a
+    pipeline.tool_loop.ToolSetup) each sample is a tool-using conversation on its problem."""
     key = (tuple(prompts), temperature, n)
     if cache is not None and key in cache:
-        return cache[key]
+        return (*cache[key], cache.get(("tools", key)))
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     options = dict(temperature=temperature, num_samples=n, max_new_tokens=settings.max_new_tokens,
@@ -502,10 +503,12 @@ def _samples(model, tokenizer, prompts, settings: TestTimeSettings, temperature:
         before = (tools.stats.calls, tools.stats.failures)
         texts, counts = tools.generate(model, tokenizer, [p["prompt"] for p in problems], problems, **options)
         calls = (tools.stats.calls - before[0], tools.stats.failures - before[1])
-    result = (texts, counts, time.perf_counter() - start, calls)
+    result = (texts, counts, time.perf_counter() - start)
     if cache is not None:
         cache[key] = result
-    return result
+        if calls is not None:
+            cache[("tools", key)] = calls
+    return (*result, calls)
 
 
 def run_method(method: str, model, tokenizer, task, problems: list[dict], settings: TestTimeSettings,

@@ -136,8 +136,9 @@ def check_tokenizer(tokenizer, stage: str, where: str) -> None:
 
 
 def fingerprint(stage_cfg) -> str | None:
-    """The source files of the tools and the environment (an edited tool reruns the stage)."""
+    """The import paths and source files of the tools and the environment (an edited tool reruns
+    the stage; so does another tool, for a stage whose own config does not name it: test_time)."""
     paths = sorted(tool_paths(stage_cfg).items())
     if stage_cfg.get("environment") is not None:
         paths.append(("environment", str(stage_cfg.environment)))
-    return "|".join(f"{name}:{source_fingerprint(path)}" for name, path in paths) or None
+    return "|".join(f"{name}={path}:{source_fingerprint(path)}" for name, path in paths) or None

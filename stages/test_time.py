@@ -47,7 +47,7 @@ def chosen_methods(cfg, run_dir: Path) -> tuple[list[str], str | None]:
             raise ConfigError(f"stages.test_time.methods={stage.methods}: must be {AUTO} or a list of methods from "
                               f"{', '.join(METHODS)}")
         # power sampling has no tool loop: with tools it is left out (run() says so)
-        methods = [m for m in METHODS if not (m == "power" and tools.uses_tools(stage))]
+        methods = [m for m in METHODS if not (m == "power" and tool_config(cfg)[0] is not None)]
         try:
             check_best_of_n(cfg, run_dir)
             return methods, None
@@ -56,6 +56,16 @@ def chosen_methods(cfg, run_dir: Path) -> tuple[list[str], str | None]:
                 raise  # a reward the user set up that does not work is an error, not a reason to leave it out
             return [m for m in methods if m != "best_of_n"], str(err)
     return list(stage.methods), None
+
+
+def tool_config(cfg):
+    """(the stage config holding the tools the policy answers with, its name), or (None, None):
+    stages.test_time.tools_from names it (grpo by default); a run without that stage, or whose
+    stage offers no tools, answers without."""
+    source = cfg.stages.test_time.get("tools_from")
+    if source is None or source not in cfg.stages:
+        return None, None
+    return (cfg.stages[source], str(source)) if tools.uses_tools(cfg.stages[source]) else (None, None)
 
 
 def check_best_of_n(cfg, run_dir: Path) -> None:
@@ -83,12 +93,14 @@ def validate(cfg, input_path: Path | None) -> None:
         if not ok:
             raise ConfigError(f"stages.test_time.{name}={stage[name]} is out of range "
                               "(alpha >= 1, mcmc_steps >= 0, temperature > 0, the rest >= 1)")
-    tools.check(stage, "test_time")
-    if "power" in methods and tools.uses_tools(stage):
-        raise ConfigError("stages.test_time.methods lists power, and the policy answers with tools "
-                          "(stages.test_time.tools / environment, by default grpo's): power sampling has no tool loop "
-                          "and would measure the model without them; drop power from the methods, or set "
-                          "stages.test_time.tools={} stages.test_time.environment=null to measure the bare model")
+    tool_cfg, tool_stage = tool_config(cfg)
+    if tool_cfg is not None:
+        tools.check(tool_cfg, tool_stage)
+    if "power" in methods and tool_cfg is not None:
+        raise ConfigError(f"stages.test_time.methods lists power, and the policy answers with {tool_stage}'s tools "
+                          f"(stages.test_time.tools_from={tool_stage}): power sampling has no tool loop and would measure "
+                          "the model without them; drop power from the methods, or set stages.test_time.tools_from=null "
+                          "to measure the bare model")
     if "best_of_n" in methods and not isinstance(stage.methods, str):  # auto has checked it already
         check_best_of_n(cfg, run_dir)
     if input_path is None:
@@ -105,15 +117,16 @@ def validate(cfg, input_path: Path | None) -> None:
         tokenizer = load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code))
     except ValueError as err:
         raise ConfigError(f"test_time input: {err}") from err
-    if tools.uses_tools(stage):
-        tools.check_tokenizer(tokenizer, "test_time", str(input_path))
+    if tool_cfg is not None:
+        tools.check_tokenizer(tokenizer, tool_stage, str(input_path))
 
 
 def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
     """Part of the config hash: the sources of the tools the policy answers with, and when
     best_of_n runs, of the user's reward functions and the reward model's identity (a new reward
     model in the run reruns test_time)."""
-    parts = [tools.fingerprint(cfg.stages.test_time)]
+    tool_cfg, _ = tool_config(cfg)
+    parts = [tools.fingerprint(tool_cfg) if tool_cfg is not None else None]
     if "best_of_n" in chosen_methods(cfg, run_dir)[0]:
         parts.append(rewards.fingerprint(cfg.stages.test_time, run_dir, planned))
     return "|".join(p for p in parts if p) or None
@@ -196,7 +209,8 @@ def run(ctx) -> dict[str, float]:
     methods, left_out = chosen_methods(ctx.cfg, ctx.run_dir)
     if left_out:
         log(f"stage test_time: best_of_n left out of methods=auto: no reward to rank candidates by ({left_out})")
-    setup = ToolSetup.of(cfg, "test_time")
+    tool_cfg, tool_stage = tool_config(ctx.cfg)
+    setup = ToolSetup.of(tool_cfg, tool_stage) if tool_cfg is not None else None
     if setup is not None and isinstance(cfg.methods, str):
         log("stage test_time: power left out of methods=auto: the policy answers with tools, and power sampling has "
             "no tool loop")

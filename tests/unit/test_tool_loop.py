@@ -147,10 +147,11 @@ def test_test_time_takes_grpos_tools_leaves_power_out_of_auto_and_refuses_it_lis
         assert "power" not in methods and "greedy" in methods
         listed = compose_config(["+stages.grpo.tools.add=calc_tools:add", "stages.test_time.methods=[greedy,power]",
                                  f"run.dir={tmp_path / 'run'}"])
-        with pytest.raises(ConfigError, match=r"stages.test_time.methods lists power, and the policy answers with tools"):
+        with pytest.raises(ConfigError, match=r"stages.test_time.methods lists power, and the policy answers with grpo's "
+                                              r"tools \(stages.test_time.tools_from=grpo\)"):
             test_time.validate(listed, None)
         bare = compose_config(["+stages.grpo.tools.add=calc_tools:add", "stages.test_time.methods=[greedy,power]",
-                               "stages.test_time.tools={}", f"run.dir={tmp_path / 'run'}"])
+                               "stages.test_time.tools_from=null", f"run.dir={tmp_path / 'run'}"])
         test_time.validate(bare, None)  # the bare model: power runs
     finally:
         sys.modules.pop("calc_tools", None)
