@@ -7,7 +7,6 @@ model an error as its result, as in training; the answer is the last assistant t
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,7 +66,6 @@ class Conversation:
     done: bool = False
     rounds: int = 0
     answer: str = ""
-    log: list = field(default_factory=list)
 
 
 def start(prompt, row: dict, setup: ToolSetup) -> Conversation:
@@ -75,8 +73,7 @@ def start(prompt, row: dict, setup: ToolSetup) -> Conversation:
     if setup.environment is not None:
         env = setup.environment()
         env.reset(**row)
-        functions.update({name: getattr(env, name) for name in dir(type(env))
-                          if not name.startswith("_") and name not in ("reset", "get_reward") and callable(getattr(env, name))})
+        functions.update({name: getattr(env, name) for name in tool_config.environment_tools(type(env))})
     return Conversation(as_turns(prompt, "user"), functions, [get_json_schema(f) for f in functions.values()])
 
 
@@ -101,11 +98,7 @@ def generate_with_tools(model, tokenizer, prompts: list, rows: list[dict], setup
                         generate_fn: Callable = generate) -> tuple[list[list[str]], list[list[int]], ToolStats]:
     """(answers, generated tokens, tool stats) per prompt, `num_samples` each, as evaluate.generate
     returns them; each sample is its own conversation with its own environment."""
-    parser = tokenizer
-    if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
-        from trl.chat_template_utils import add_response_schema
-
-        parser = add_response_schema(copy.copy(tokenizer))
+    parser = tool_config.response_parser(tokenizer)
     conversations = [start(p, r, setup) for p, r in zip(prompts, rows) for _ in range(num_samples)]
     stats = ToolStats(conversations=len(conversations))
     while active := [c for c in conversations if not c.done]:

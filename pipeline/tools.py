@@ -93,15 +93,21 @@ def load_environment(stage_cfg, stage: str) -> Callable | None:
     if cls is None:
         raise ConfigError(f"{key}={path!r} is a {type(factory).__name__}; name a class whose instances have reset(**row) "
                           "and tool methods (TRL's environment_factory)")
-    methods = dict(inspect.getmembers(cls, predicate=inspect.isfunction))
-    if "reset" not in methods:
+    if not inspect.isfunction(getattr(cls, "reset", None)):
         raise ConfigError(f"{key}={path!r}: {cls.__name__} has no reset method; TRL calls reset(**row) before each rollout")
-    tools = [n for n in methods if not n.startswith("_") and n not in ("reset", "get_reward")]
-    if not tools:
+    names = environment_tools(cls)
+    if not names:
         raise ConfigError(f"{key}={path!r}: {cls.__name__} has no public method to offer as a tool")
-    for name in tools:
-        schema(methods[name], f"{key} ({cls.__name__}.{name})")
+    for name in names:
+        schema(getattr(cls, name), f"{key} ({cls.__name__}.{name})")
     return factory
+
+
+def environment_tools(cls) -> list[str]:
+    """The methods of an environment class offered as tools (TRL's rule: public functions on the
+    class but reset and get_reward)."""
+    return [name for name, _ in inspect.getmembers(cls, predicate=inspect.isfunction)
+            if not name.startswith("_") and name not in ("reset", "get_reward")]
 
 
 def check(stage_cfg, stage: str) -> None:
@@ -120,19 +126,28 @@ def check(stage_cfg, stage: str) -> None:
 def check_tokenizer(tokenizer, stage: str, where: str) -> None:
     """ConfigError unless the chat template of the model at `where` renders tool calls and tool
     results and TRL can parse the model's replies into tool calls."""
-    from trl.chat_template_utils import add_response_schema, supports_tool_calling
+    from trl.chat_template_utils import supports_tool_calling
 
     fix = (f"use a model whose chat template supports tools (Qwen3, Qwen2.5, Llama 3.1/3.2, ...), or leave "
            f"stages.{stage}.tools and stages.{stage}.environment unset")
     if not supports_tool_calling(tokenizer):
         raise ConfigError(f"stages.{stage}.tools: the chat template of {where} does not render tool calls and tool "
                           f"results; {fix}")
-    if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
-        try:
-            add_response_schema(copy.copy(tokenizer))
-        except ValueError as err:
-            raise ConfigError(f"stages.{stage}.tools: TRL cannot parse tool calls out of the replies of {where} "
-                              f"(no response template for its chat template); {fix}") from err
+    try:
+        response_parser(tokenizer)
+    except ValueError as err:
+        raise ConfigError(f"stages.{stage}.tools: TRL cannot parse tool calls out of the replies of {where} "
+                          f"(no response template for its chat template); {fix}") from err
+
+
+def response_parser(tokenizer):
+    """`tokenizer`, or a copy with TRL's response template for its chat template, whose
+    parse_response reads tool calls out of a reply; ValueError for a template TRL does not know."""
+    if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None) is not None:
+        return tokenizer
+    from trl.chat_template_utils import add_response_schema
+
+    return add_response_schema(copy.copy(tokenizer))
 
 
 def fingerprint(stage_cfg) -> str | None:

@@ -20,17 +20,9 @@ from stages.grpo import build_trainer, training_args
 from tests.conftest import compose_config, run_cli
 from tests.stages.test_model_families import FAMILY_RUN
 from tests.tiny_models import save_tiny_family
+from tests.unit.test_tools import TOOLS
 
-TOOL = '''
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: the first number
-        b: the second number
-    """
-    return a + b
-'''
+TOOL = TOOLS  # add(a, b) among them
 # what the scripted model writes in each round of every rollout: two calls, then the answer
 ROUNDS = ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>',
           '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>',
