@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from transformers.utils import get_json_schema
+from trl.chat_template_utils import parse_response
 
 from pipeline import tools as tool_config
 from pipeline.evaluate import generate
@@ -108,10 +109,9 @@ def generate_with_tools(model, tokenizer, prompts: list, rows: list[dict], setup
                                       max_new_tokens=max_new_tokens, batch_size=batch_size, skip_special_tokens=False)
         for conversation, text, (reply,), (count,) in zip(active, texts, replies, counts):
             conversation.tokens += count
-            try:
-                parsed = parser.parse_response(reply, prefix=text)
-            except Exception:  # a reply the response template cannot read is a plain answer
-                parsed = {"role": "assistant", "content": reply}
+            # TRL's parser, as in training: a malformed call (bad JSON, no name or arguments) is a plain answer
+            parsed = parse_response(parser, tokenizer(reply, add_special_tokens=False)["input_ids"],
+                                    prefix=tokenizer(text, add_special_tokens=False)["input_ids"], tools=conversation.schemas)
             calls = parsed.get("tool_calls") or []
             limit_reached = setup.max_iterations is not None and conversation.rounds >= setup.max_iterations
             if not calls or limit_reached:

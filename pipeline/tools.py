@@ -10,8 +10,8 @@ template, call, append the results, generate again, up to `max_tool_calling_iter
 masks the results out of the loss. This module loads and checks what the user configured, before
 any compute: that every path imports to a callable whose schema transformers can build (else the
 chat template cannot show it to the model), and that the input model's chat template renders
-tool calls and results and its replies can be parsed. A tool that raises, or runs longer than
-`tool_timeout_s`, gives the model an error as its result (TRL counts it in
+tool calls and results and its replies can be parsed. A tool (function or environment
+method) that raises, or runs longer than `tool_timeout_s`, gives the model an error as its result (TRL counts it in
 `tools/failure_frequency`); it never stops the run.
 """
 
@@ -50,19 +50,39 @@ def schema(function: Callable, key: str) -> dict:
                           "Args: section describing each argument") from err
 
 
+def call_with_timeout(function: Callable, name: str, seconds: float, *args, **kwargs):
+    """function(*args, **kwargs), or TimeoutError after `seconds` (the call is abandoned in its thread)."""
+    future = _POOL.submit(function, *args, **kwargs)
+    try:
+        return future.result(timeout=seconds)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"tool {name} took longer than {seconds:g} s") from None
+
+
 def with_timeout(function: Callable, seconds: float) -> Callable:
     """`function` (same name, signature and docstring, so its schema is unchanged) that raises
-    TimeoutError after `seconds`; the call itself is abandoned in its thread."""
+    TimeoutError after `seconds`."""
 
     @functools.wraps(function)
     def call(*args, **kwargs):
-        future = _POOL.submit(function, *args, **kwargs)
-        try:
-            return future.result(timeout=seconds)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"tool {function.__name__} took longer than {seconds:g} s") from None
+        return call_with_timeout(function, function.__name__, seconds, *args, **kwargs)
 
     return call
+
+
+def environment_with_timeout(cls: type, seconds: float) -> type:
+    """A subclass of the environment `cls` whose tool methods (same names, signatures and
+    docstrings) raise TimeoutError after `seconds`, as tool functions do."""
+
+    def timed(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            return call_with_timeout(method, method.__name__, seconds, self, *args, **kwargs)
+
+        return call
+
+    methods = {name: timed(getattr(cls, name)) for name in environment_tools(cls)}
+    return type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
 def load_tools(stage_cfg, stage: str) -> list[Callable]:
@@ -100,7 +120,7 @@ def load_environment(stage_cfg, stage: str) -> Callable | None:
         raise ConfigError(f"{key}={path!r}: {cls.__name__} has no public method to offer as a tool")
     for name in names:
         schema(getattr(cls, name), f"{key} ({cls.__name__}.{name})")
-    return factory
+    return environment_with_timeout(cls, float(stage_cfg.tool_timeout_s))
 
 
 def environment_tools(cls) -> list[str]:
@@ -150,10 +170,24 @@ def response_parser(tokenizer):
     return add_response_schema(copy.copy(tokenizer))
 
 
+def tools_from(cfg, stage: str):
+    """(the stage config holding the tools `stage` evaluates the policy with, its name), or
+    (None, None): stages.<stage>.tools_from names it (grpo by default, the stage that trains with
+    them); a run without that stage, or whose stage offers no tools, evaluates without."""
+    source = cfg.stages[stage].get("tools_from")
+    if source is None or source not in cfg.stages:
+        return None, None
+    return (cfg.stages[source], str(source)) if uses_tools(cfg.stages[source]) else (None, None)
+
+
 def fingerprint(stage_cfg) -> str | None:
-    """The import paths and source files of the tools and the environment (an edited tool reruns
-    the stage; so does another tool, for a stage whose own config does not name it: test_time)."""
+    """The import paths and source files of the tools and the environment, and the loop's limits
+    (an edited tool reruns the stage; so does another tool, for a stage whose own config does not
+    name it: sft's and test_time's evaluation)."""
     paths = sorted(tool_paths(stage_cfg).items())
     if stage_cfg.get("environment") is not None:
         paths.append(("environment", str(stage_cfg.environment)))
-    return "|".join(f"{name}={path}:{source_fingerprint(path)}" for name, path in paths) or None
+    if not paths:
+        return None
+    limits = f"rounds={stage_cfg.get('max_tool_calling_iterations')},timeout={stage_cfg.get('tool_timeout_s')}"
+    return "|".join([*(f"{name}={path}:{source_fingerprint(path)}" for name, path in paths), limits])

@@ -9,17 +9,49 @@ A problem "47+18-9" is written as
 
 Every split is drawn from one seeded stream of distinct questions, so the held-out split is
 disjoint from every training split by construction.
+
+With `task.calculator=true` the sft solutions call the `calculator` tool instead of working the
+steps (TRL's tool-calling conversations: the call, its result as a tool turn, then "A: <n>"), for
+a grpo that offers the same tool (stages.grpo.tools.calculator=pipeline.tasks.arithmetic:calculator).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass
 
+from transformers.utils import get_json_schema
+
 from pipeline.tasks.base import Task
 
 ANSWER_LINE = re.compile(r"^A: (-?\d{1,12})$")
+EXPRESSION = re.compile(r"\s*-?\d{1,12}(\s*[+-]\s*\d{1,12}){0,31}\s*")
+CALCULATOR_PATH = "pipeline.tasks.arithmetic:calculator"
+
+
+def calculator(expression: str) -> str:
+    """Add and subtract integers, left to right.
+
+    Args:
+        expression: integers joined by + and -, e.g. 47+18-9
+    """
+    if not isinstance(expression, str) or not EXPRESSION.fullmatch(expression):
+        raise ValueError("expression must be integers joined by + and -, e.g. 47+18-9")
+    text = expression.replace(" ", "")
+    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    signs = re.findall(r"(?<=\d)[+-]", text)
+    value = -numbers[0] if text.startswith("-") else numbers[0]
+    for sign, number in zip(signs, numbers[1:]):
+        value = value + number if sign == "+" else value - number
+    return str(value)
+
+
+def calculator_call(expression: str) -> dict:
+    """An assistant turn calling the calculator, in TRL's format."""
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": expression}}}]}
 
 
 @dataclass(frozen=True)
@@ -62,6 +94,15 @@ def make_problem(rng: random.Random, min_operands: int, max_operands: int, digit
         value = new
     question = str(operands[0]) + "".join(op + str(x) for op, x in zip(operators, operands[1:]))
     return Problem(question, tuple(steps), value)
+
+
+def slip_expression(problem: Problem, rng: random.Random) -> str:
+    """The question with one operand off by 1, 2 or 10: the calculator's input copied with a slip."""
+    numbers = [int(t) for t in re.findall(r"\d+", problem.question)]
+    operators = re.findall(r"[+-]", problem.question)
+    i = rng.randrange(len(numbers))
+    numbers[i] = max(numbers[i] + rng.choice([-10, -2, -1, 1, 2, 10]), 0)
+    return str(numbers[0]) + "".join(op + str(x) for op, x in zip(operators, numbers[1:]))
 
 
 # the kinds of rejected answer in the preference pairs, in rotation; each is one small slip
@@ -122,6 +163,16 @@ class ArithmeticTask(Task):
         if not 0.0 <= self.slip_rate < 1.0:
             raise ValueError(f"task.sft_slip_rate={self.slip_rate} must lie in [0, 1)")
         shapes = {"pretrain": (self._shape[0], pretrain_max, *self._shape[2:])}
+        # the held-out problems may be longer (or shorter) than every training split's
+        eval_min, eval_max = cfg.get("eval_min_operands"), cfg.get("eval_max_operands")
+        eval_min = int(cfg.min_operands) if eval_min is None else int(eval_min)
+        eval_max = int(cfg.max_operands) if eval_max is None else int(eval_max)
+        if not 2 <= eval_min <= eval_max:
+            raise ValueError(f"task.eval_min_operands={eval_min}, task.eval_max_operands={eval_max}: "
+                             "need 2 <= eval_min_operands <= eval_max_operands (null: min/max_operands)")
+        shapes["eval"] = (eval_min, eval_max, *self._shape[2:])
+        self._eval_shape = shapes["eval"]
+        self.calculator = bool(cfg.get("calculator", False))
         rng = random.Random(cfg.seed)
         self._seen: set[str] = set()
         # eval first, so changing a training size never changes the held-out problems
@@ -145,7 +196,7 @@ class ArithmeticTask(Task):
         """n more held-out problems, disjoint from every split, for a tighter held-out measurement
         than n_eval gives without changing any split (benchmarks/heldout_eval.py)."""
         rng = random.Random(f"{self.cfg.seed}/fresh/{seed}")
-        fresh = self._draw(rng, n, "fresh eval")
+        fresh = self._draw(rng, n, "fresh eval", self._eval_shape)
         self._seen.difference_update(p.question for p in fresh)  # a later call may draw them again
         return [{"prompt": p.prompt, "answer": str(p.answer)} for p in fresh]
 
@@ -171,8 +222,24 @@ class ArithmeticTask(Task):
         examples = []
         for p in self._splits["sft"]:
             slipped = self.slip_rate > 0 and rng.random() < self.slip_rate
-            examples.append({"prompt": p.prompt, "completion": corrupt(p, rng, "carried") if slipped else p.solution()})
+            if self.calculator:
+                examples.append(self.calculator_conversation(p, slip_expression(p, rng) if slipped else p.question))
+            else:
+                examples.append({"prompt": p.prompt, "completion": corrupt(p, rng, "carried") if slipped else p.solution()})
         return examples
+
+    def calculator_conversation(self, problem: Problem, expression: str) -> dict:
+        """The question, a call of the calculator on `expression` (the question itself, or one
+        with a slip), its result, and the answer the result gives."""
+        result = calculator(expression)
+        messages = [{"role": "user", "content": problem.prompt}, calculator_call(expression),
+                    {"role": "tool", "name": "calculator", "content": result},
+                    {"role": "assistant", "content": f"A: {result}"}]
+        return {"messages": messages, "tools": [get_json_schema(calculator)]}
+
+    def tool_call_texts(self) -> list[str]:
+        """The text of the sft split's calculator calls, for a tokenizer trained with tool markers."""
+        return [json.dumps({"name": "calculator", "arguments": {"expression": p.question}}) for p in self._splits["sft"]]
 
     def preference_pairs(self) -> list[dict]:
         rng = random.Random(self.cfg.seed + 2)

@@ -31,6 +31,11 @@ class Task(ABC):
     @abstractmethod
     def pretrain_texts(self) -> list[str]: ...
 
+    def tool_call_texts(self) -> list[str]:
+        """Texts of the task's tool calls, which a tokenizer trained with tool markers
+        (stages.pretrain.tokenizer_tools) also learns from; none by default."""
+        return []
+
     @abstractmethod
     def eval_texts(self) -> list[str]:
         """Held-out documents in the pretraining format (for eval loss / perplexity)."""

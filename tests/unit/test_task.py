@@ -154,3 +154,50 @@ def test_sft_slip_rate_gives_that_share_of_wrong_but_consistent_solutions():
     assert noisy == noisy_task.sft_examples()  # the same slips every time (seeded)
     with pytest.raises(ValueError, match="sft_slip_rate"):
         arithmetic(sft_slip_rate=1.0)
+
+
+@pytest.mark.parametrize("expression, value", [("47+18-9", "56"), ("12 - 80", "-68"), ("-5+3", "-2"), ("7", "7")])
+def test_the_calculator_adds_and_subtracts(expression, value):
+    from pipeline.tasks.arithmetic import calculator
+
+    assert calculator(expression) == value
+
+
+@pytest.mark.parametrize("expression", ["2*3", "__import__('os')", "1+", "", "1++2", "1.5+2", 12])
+def test_the_calculator_refuses_anything_else_without_evaluating_it(expression):
+    from pipeline.tasks.arithmetic import calculator
+
+    with pytest.raises(ValueError, match="integers joined by"):
+        calculator(expression)
+
+
+def test_calculator_traces_call_the_tool_and_answer_with_its_result():
+    from pipeline.tasks.arithmetic import calculator
+
+    task = arithmetic(calculator=True, sft_slip_rate=0.25, n_sft=400)
+    examples = task.sft_examples()
+    slipped = 0
+    for example, problem in zip(examples, task.problems("sft")):
+        user, call, result, answer = example["messages"]
+        assert user == {"role": "user", "content": problem.prompt}
+        expression = call["tool_calls"][0]["function"]["arguments"]["expression"]
+        assert result == {"role": "tool", "name": "calculator", "content": calculator(expression)}
+        assert answer == {"role": "assistant", "content": f"A: {result['content']}"}
+        assert [t["function"]["name"] for t in example["tools"]] == ["calculator"]
+        if expression != problem.question:  # a slip: one operand off, the rest copied
+            slipped += 1
+            differ = [a != b for a, b in zip(re.findall(r"\d+", expression), re.findall(r"\d+", problem.question))]
+            assert sum(differ) == 1 and re.findall(r"[+-]", expression) == re.findall(r"[+-]", problem.question)
+    assert 0.18 < slipped / len(examples) < 0.32
+    assert len(task.tool_call_texts()) == 400 and json.loads(task.tool_call_texts()[0])["name"] == "calculator"
+
+
+def test_held_out_problems_can_be_longer_than_every_training_split():
+    task = arithmetic(eval_min_operands=5, eval_max_operands=6)
+    assert {operand_count(p.question) for p in task.problems("eval")} == {5, 6}
+    assert {operand_count(p.question) for p in task.problems("rl")} == {2, 3, 4}
+    assert {operand_count(p["prompt"]) for p in task.fresh_eval_problems(50)} == {5, 6}
+    default = arithmetic()
+    assert [p.question for p in default.problems("sft")] == [p.question for p in arithmetic(calculator=True).problems("sft")]
+    with pytest.raises(ValueError, match="eval_min_operands"):
+        arithmetic(eval_min_operands=5, eval_max_operands=4)

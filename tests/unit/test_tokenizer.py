@@ -32,3 +32,46 @@ def test_chat_template_renders(tmp_path):
     assert prompt.endswith("<|im_start|>assistant\n")
     ids = loaded(text, add_special_tokens=False)["input_ids"]
     assert ids.count(loaded.convert_tokens_to_ids(IM_END)) == 2  # special tokens stay whole
+
+
+def calculator(expression: str) -> str:
+    """Add and subtract.
+
+    Args:
+        expression: integers joined by + and -
+    """
+    return expression
+
+
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "47+18-9=?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "47+18-9"}}}]},
+    {"role": "tool", "name": "calculator", "content": "56"},
+    {"role": "assistant", "content": "A: 56"},
+]
+
+
+def test_the_tool_template_renders_calls_results_and_parses_replies(tmp_path):
+    from trl.chat_template_utils import is_chat_template_prefix_preserving, supports_tool_calling
+
+    calls = ['{"name": "calculator", "arguments": {"expression": "47+18-9"}}'] * 20
+    tokenizer = train_tokenizer(TEXTS + calls, 320, tools=True)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)  # the chat template and the response template travel with it
+    text = loaded.apply_chat_template(TOOL_CONVERSATION, tools=[calculator], tokenize=False)
+    assert text == ("<|im_start|>system\nTools: calculator(expression)<|im_end|>\n<|im_start|>user\n47+18-9=?<|im_end|>\n"
+                    '<|im_start|>assistant\n<tool_call>{"name": "calculator", "arguments": {"expression": "47+18-9"}}'
+                    "</tool_call><|im_end|>\n<|im_start|>tool\n56<|im_end|>\n<|im_start|>assistant\nA: 56<|im_end|>\n")
+    plain = train_tokenizer(TEXTS, 300)
+    chat = TOOL_CONVERSATION[:1] + [{"role": "assistant", "content": "A: 56"}]
+    assert loaded.apply_chat_template(chat, tokenize=False) == plain.apply_chat_template(chat, tokenize=False)
+    assert supports_tool_calling(loaded) and is_chat_template_prefix_preserving(loaded)
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(loaded.convert_tokens_to_ids("<tool_call>")) == 1  # the markers are single tokens
+    prefix = loaded.apply_chat_template(TOOL_CONVERSATION[:1], tools=[calculator], tokenize=False, add_generation_prompt=True)
+    reply = '<tool_call>{"name": "calculator", "arguments": {"expression": "47+18-9"}}</tool_call><|im_end|>'
+    assert loaded.parse_response(reply, prefix=prefix)["tool_calls"] == TOOL_CONVERSATION[1]["tool_calls"]
+    assert loaded.parse_response("A: 56<|im_end|>", prefix=prefix) == {"role": "assistant", "content": "A: 56"}
+    # without tools=True: the plain ChatML template, which TRL's check refuses for tool use
+    assert not supports_tool_calling(plain) and getattr(plain, "response_template", None) is None

@@ -58,6 +58,15 @@ class Calculator:
         self.calls += 1
         return a * b
 
+    def wait(self, seconds: float) -> str:
+        """Sleep.
+
+        Args:
+            seconds: how long
+        """
+        time.sleep(seconds)
+        return "awake"
+
 
 class NoReset:
     def multiply(self, a: int, b: int) -> int:
@@ -116,6 +125,18 @@ def test_a_slow_tool_becomes_an_error_and_keeps_its_schema(user_tools):
         nap(5)
     assert time.perf_counter() - start < 2
     assert get_json_schema(nap)["function"]["name"] == "nap"
+
+
+def test_a_slow_environment_method_becomes_an_error_too(user_tools):
+    from transformers.utils import get_json_schema as schema_of
+
+    environment = tools.load_environment(grpo(environment="my_tools:Calculator", tool_timeout_s=0.2), "grpo")()
+    environment.reset()
+    assert environment.multiply(3, 4) == 12 and environment.calls == 1  # the instance's state, as without the timeout
+    with pytest.raises(TimeoutError, match=r"tool wait took longer than 0.2 s"):
+        environment.wait(5)
+    assert schema_of(environment.multiply)["function"]["parameters"]["required"] == ["a", "b"]
+    assert tools.environment_tools(type(environment)) == ["multiply", "wait"]
 
 
 def test_the_tools_source_is_part_of_the_hash(user_tools):
