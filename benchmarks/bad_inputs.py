@@ -45,6 +45,16 @@ CASES = [
     ("dpo beta a word", ["stages.dpo.beta=abc"], {}, "stages.dpo.beta=abc"),
     ("grpo num_generations a word", ["stages.grpo.num_generations=abc"], {}, "stages.grpo.num_generations=abc"),
     ("grpo temperature 0", ["stages.grpo.temperature=0"], {}, "stages.grpo.temperature=0"),
+    # --- the calculator demo's three settings must agree (conf/preset/demo_tools.yaml)
+    ("calculator traces, tokenizer without tool markers", ["task.calculator=true"], {},
+     "set stages.pretrain.tokenizer_tools=true"),
+    ("calculator traces, grpo without the tool", ["preset=demo_tools", "~stages.grpo.tools.calculator"], {},
+     "stages.grpo.tools.calculator=pipeline.tasks.arithmetic:calculator"),
+    ("unknown generation engine", ["generation.engine=paged"], {}, "generation.engine=paged"),
+    ("vllm requested on a machine without it", ["stages.grpo.generation={engine: vllm}"], {},
+     "stages.grpo.generation.engine)=vllm"),
+    ("held-out operands reversed", ["task.eval_min_operands=5", "task.eval_max_operands=4"], {},
+     "eval_min_operands"),
     ("test_time alpha a word", ["stages.test_time.alpha=abc"], {}, "stages.test_time.alpha=abc"),
     ("packing not a bool", ["stages.sft.packing=maybe"], {}, "stages.sft.packing=maybe"),
     # --- values: top level and groups

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline import artifacts, trainer_settings
+from pipeline import artifacts, generation, trainer_settings
 from pipeline.errors import ConfigError
 from pipeline.stage import GROUPS, Stage
 
@@ -129,24 +129,25 @@ RULES: dict[str, Rule] = {
     "save_steps": COUNT, "eval_steps": COUNT, "logging_steps": COUNT,
     "save_total_limit": Rule("int", low=1, null="keep every checkpoint"),
     "eval_problems": COUNT, "eval_samples": COUNT, "eval_batch_size": COUNT, "eval_examples": COUNT, "eval_pairs": COUNT,
-    "max_new_tokens": COUNT, "tokenizer_vocab_size": COUNT, "pair_prompts": COUNT, "samples_per_prompt": COUNT,
+    "max_new_tokens": COUNT, "tokenizer_vocab_size": COUNT, "tokenizer_tools": BOOL, "pair_prompts": COUNT, "samples_per_prompt": COUNT,
     "num_iterations": COUNT, "eval_every": COUNT, "curve_problems": COUNT,
     "block_size": COUNT, "num_samples": COUNT, "mcmc_steps": COUNT_OR_ZERO,
     "lr": LR, "adam_epsilon": Rule("number", low=0, low_open=True, null="falls back to optim.eps"),
     "gradient_checkpointing": BOOL, "packing": BOOL, "step_level": BOOL, "mask_truncated_completions": BOOL,
-    "use_vllm": BOOL, "train_only": TEXTS, "freeze": TEXTS, "train_only_by_peft": Rule("any"), "methods": Rule("names"),
+    "train_only": TEXTS, "freeze": TEXTS, "train_only_by_peft": Rule("any"), "methods": Rule("names"),
     "sample_temperature": POSITIVE, "temperature": POSITIVE, "curve_temperature": POSITIVE,
     "zero_variance_weight": PROBABILITY,
     "pairs": TEXT, "loss_type": Rule("names"), "loss_weights": Rule("numbers", null="every loss weighs 1"),
     "label_smoothing": Rule("number", low=0, high=0.5),
     "epsilon": POSITIVE, "epsilon_high": POSITIVE, "entropy_coef": NUMBER,
-    "scale_rewards": TEXT, "zero_variance": TEXT, "vllm_mode": Rule("choice", choices=("colocate", "server")),
+    "scale_rewards": TEXT, "zero_variance": TEXT, 
     "reward_weights": Rule("mapping"), "reward_model": TEXT, "reward_functions": Rule("any"),
     "tools": Rule("any"), "environment": Rule("text", null="no environment"),
     "max_tool_calling_iterations": Rule("int", low=1, null="until the model stops calling tools"),
     "tool_timeout_s": POSITIVE, "tools_from": Rule("text", null="the bare model, no tools"),
     "optim": Rule("any", null="the optim group as is"),
-    "trainer": Rule("any", null="the trainer group as is"),  # a stage's optim overrides: checked merged over the optim group below
+    "trainer": Rule("any", null="the trainer group as is"),
+    "generation": Rule("any", null="the generation group as is"),  # a stage's group overrides: checked merged over the group below
     "router_aux_loss_coef": Rule("number", low=0, null="the model config's coefficient"),
     "center_rewards_coefficient": Rule("number", low=0, null="no centring"),
     # the type only: the recipe's validate() checks the range and says why
@@ -166,6 +167,9 @@ RULES: dict[str, Rule] = {
     "trainer.precision": Rule("choice", choices=trainer_settings.PRECISIONS), "trainer.attn_implementation": TEXT,
     "trainer.save_dtype": Rule("choice", choices=trainer_settings.PRECISIONS),
     "trainer.gradient_checkpointing": BOOL, "trainer.report_to": Rule("names"), "trainer.use_liger_kernel": BOOL,
+    # --- generation (pipeline/generation.check adds what this machine and environment can run)
+    "generation.engine": Rule("choice", choices=generation.ENGINES), "generation.continuous_batching": ANY,
+    "generation.vllm": ANY,
     # --- peft
     "peft.method": TEXT, "peft.lr": Rule("number", low=0, low_open=True, null="falls back to optim.lr"), "peft.rank": COUNT,
     "peft.alpha": POSITIVE, "peft.dropout": FRACTION, "peft.target_modules": TEXTS, "peft.target_parameters": TEXTS,
@@ -176,7 +180,9 @@ RULES: dict[str, Rule] = {
     "task.name": TEXT, "task.seed": SEED, "task.min_operands": Rule("int", low=2), "task.max_operands": Rule("int", low=2),
     "task.digits": Rule("int", low=1, high=6), "task.ops": TEXT,
     "task.pretrain_max_operands": Rule("int", low=2, null="the same operands as every split"),
-    "task.sft_slip_rate": Rule("number", low=0.0, high=0.99),
+    "task.sft_slip_rate": Rule("number", low=0.0, high=0.99), "task.calculator": BOOL,
+    "task.eval_min_operands": Rule("int", low=2, null="task.min_operands"),
+    "task.eval_max_operands": Rule("int", low=2, null="task.max_operands"),
     "task.n_pretrain": COUNT, "task.n_sft": COUNT, "task.n_preference": COUNT, "task.n_rl": COUNT, "task.n_eval": COUNT,
     # --- task (jsonl)
     "task.splits": Rule("any"), "task.hf_split": TEXT, "task.columns": Rule("any"), "task.answer_pattern": REGEX,
@@ -228,7 +234,7 @@ def check_config(cfg: DictConfig, stages: Sequence[Stage] | None = None) -> None
     names = [stage.name for stage in stages]
     for name in names:
         check_node(cfg.stages[name], f"stages.{name}")
-    for group in ("model", "optim", "peft", "task", "trainer"):
+    for group in ("model", "optim", "peft", "task", "trainer", "generation"):
         check_node(cfg[group], group)
     if cfg.task.get("name") == "arithmetic" and cfg.task.min_operands > cfg.task.max_operands:
         raise ConfigError(f"task.min_operands={cfg.task.min_operands} is above task.max_operands="
@@ -236,7 +242,7 @@ def check_config(cfg: DictConfig, stages: Sequence[Stage] | None = None) -> None
     if any(stage.trains for stage in stages):
         check_optimizer_launch(cfg.optim)
     for name in names:
-        for group in ("optim", "trainer"):
+        for group in ("optim", "trainer", "generation"):
             if cfg.stages[name].get(group):
                 check_stage_group(cfg, name, group)
     trainer_settings.check(cfg, [s.name for s in stages if s.runs_models], trains=[s.name for s in stages if s.trains])
@@ -247,7 +253,8 @@ def check_stage_group(cfg: DictConfig, stage: str, group: str) -> None:
     """stages.<stage>.<group>: a mapping of the group's keys, checked merged over the group."""
     override = cfg.stages[stage][group]
     key = f"stages.{stage}.{group}"
-    example = "{name: muon, max_grad_norm: 0}" if group == "optim" else "{precision: fp32}"
+    example = {"optim": "{name: muon, max_grad_norm: 0}", "trainer": "{precision: fp32}",
+               "generation": "{engine: continuous_batching}"}[group]
     if not isinstance(override, DictConfig):
         raise ConfigError(f"{key}={override}: must be a mapping of {group} keys to override for this stage, "
                           f"e.g. {example}, or null")

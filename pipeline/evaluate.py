@@ -13,6 +13,8 @@ import torch
 from transformers import GenerationConfig, set_seed
 
 from pipeline import artifacts, distributed
+from pipeline.generation import Engine
+from pipeline.generation import current as current_engine
 from pipeline.log import log
 from pipeline.models import router_logits_off
 from pipeline.tasks.base import as_turns
@@ -67,22 +69,27 @@ def generate(
     batch_size: int = 64,
     before_batch: Callable[[], None] | None = None,
     skip_special_tokens: bool = True,
+    engine: Engine | None = None,
 ) -> tuple[list[list[str]], list[list[int]]]:
     """Completions (and their generated-token counts) for each prompt, `num_samples` each.
 
     temperature 0 means greedy. Sampling is pure ancestral sampling (no top-k/top-p), so
     "temperature 1" is the model's own distribution. `before_batch` is called before each
     batch and may raise to stop (test_time's preemption check). `skip_special_tokens` False keeps
-    the markers a response template parses (tool calls).
+    the markers a response template parses (tool calls). `engine`: padded `model.generate` or
+    continuous batching (`model.generate_batch`); None: the running stage's
+    (pipeline/generation.py).
     """
+    engine = engine or current_engine()
+    continuous = engine.sampler == "continuous_batching"
     stops = stop_token_ids(tokenizer)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
+        do_sample=temperature > 0,  # explicit: continuous batching decodes greedily unless told to sample
         temperature=temperature if temperature > 0 else None,
         top_k=0 if temperature > 0 else None,
         top_p=1.0 if temperature > 0 else None,
-        num_return_sequences=num_samples,
+        num_return_sequences=1 if continuous else num_samples,
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
@@ -97,19 +104,36 @@ def generate(
             for start in range(0, len(prompts), batch_size):
                 if before_batch is not None:
                     before_batch()
-                batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-                batch = batch.to(model.device)
-                out = model.generate(**batch, generation_config=config)
-                new = out[:, batch["input_ids"].shape[1] :]
-                for i in range(0, new.shape[0], num_samples):
-                    rows = new[i : i + num_samples]
-                    lengths = [generated_length(row, stops) for row in rows]
-                    texts.append([tokenizer.decode(row[:n], skip_special_tokens=skip_special_tokens) for row, n in zip(rows, lengths)])
+                chunk = prompts[start : start + batch_size]
+                if continuous:
+                    rows = generate_continuous(model, tokenizer, chunk, config, engine, num_samples)
+                else:
+                    batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                    out = model.generate(**batch, generation_config=config)
+                    rows = list(out[:, batch["input_ids"].shape[1] :])
+                for i in range(0, len(rows), num_samples):
+                    group = rows[i : i + num_samples]
+                    lengths = [generated_length(row, stops) for row in group]
+                    texts.append([tokenizer.decode(row[:n], skip_special_tokens=skip_special_tokens) for row, n in zip(group, lengths)])
                     counts.append(lengths)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return texts, counts
+
+
+def generate_continuous(model, tokenizer, prompts: list[str], config: GenerationConfig, engine: Engine,
+                        num_samples: int) -> list[torch.Tensor]:
+    """Each prompt's `num_samples` generations (one request each), in order, by transformers'
+    continuous batching; RuntimeError if a request failed or went missing."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(num_samples)]
+    outputs = list(model.generate_batch(ids, generation_config=config, progress_bar=False,
+                                        continuous_batching_config=engine.continuous_batching_config()).values())
+    failed = [o for o in outputs if getattr(o, "error", None)]
+    if len(outputs) != len(ids) or failed:
+        raise RuntimeError(f"continuous batching returned {len(outputs)} of {len(ids)} generations"
+                           + (f"; {failed[0].request_id}: {failed[0].error}" if failed else ""))
+    return [torch.tensor(o.generated_tokens, dtype=torch.long) for o in outputs]
 
 
 def generated_length(row: torch.Tensor, stops: list[int]) -> int:

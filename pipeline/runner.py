@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import set_seed
 
-from pipeline import artifacts, distributed, hub, lock, preemption, sweep
+from pipeline import artifacts, distributed, generation, hub, lock, preemption, sweep, trainer_settings
 from pipeline.adapters import check_peft_config
 from pipeline.config_check import check_config, check_run
 from pipeline.errors import ConfigError
@@ -144,6 +144,8 @@ def plan_stages(cfg: DictConfig, run_dir: Path) -> list[StagePlan]:
             raise ConfigError(f"stage {name!r} needs an input checkpoint: set stages.{name}.input_stage or stages.{name}.init")
         if "peft" in stage.uses:
             check_peft_config(cfg.peft)
+        if "generation" in stage.uses:
+            generation.check(generation.Engine.of(trainer_settings.stage_group(cfg, "generation", name)), name)
         check_stage(cfg, stage, None if pending_input(stage_cfg, run_dir, hashes) else input_path)
         extra = stage.extra_inputs(cfg, run_dir, hashes) if stage.extra_inputs else None
         config_hash = stage_hash(cfg, stage, fingerprint, extra)
@@ -383,7 +385,12 @@ def run_stage(cfg: DictConfig, plan: StagePlan, run_dir: Path, task: Task) -> di
     # (reward) and data order then depend on `seed` alone, so a rerun reproduces its numbers.
     set_seed(int(cfg.seed))
     try:
-        metrics = {**plan.stage.run(ctx), **ctx.shared_metrics}
+        engine = ctx.generation if "generation" in plan.stage.uses else generation.Engine()
+        with generation.using(engine):
+            metrics = plan.stage.run(ctx)
+        metrics = {**metrics, **ctx.shared_metrics}
+        if "generation" in plan.stage.uses:
+            metrics["generation_engine"] = engine.name
         wall = time.perf_counter() - start
         if distributed.is_main_process():
             # final/ (with its metrics) first, then metrics.json, then the manifest: a kill between

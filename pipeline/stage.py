@@ -42,10 +42,11 @@ from types import ModuleType
 from omegaconf import DictConfig
 
 from pipeline import trainer_settings
+from pipeline.generation import Engine
 from pipeline.errors import ConfigError
 from pipeline.optim import stage_optim
 
-GROUPS = ("model", "task", "optim", "peft", "trainer")  # the config groups a stage may read
+GROUPS = ("model", "task", "optim", "peft", "trainer", "generation")  # the config groups a stage may read
 
 
 @dataclass
@@ -75,8 +76,8 @@ class StageContext:
                                f"add {name!r} to USES so that its config hash covers it (pipeline/stage.py)")
         if name == "optim":
             return stage_optim(self.cfg, self.name)
-        if name == "trainer":
-            return trainer_settings.settings(self.cfg, self.name)
+        if name in ("trainer", "generation"):
+            return trainer_settings.stage_group(self.cfg, name, self.name)
         return self.cfg[name]
 
     # The stage's view of its settings: each group as this stage sees it (stages.<name>.optim
@@ -105,6 +106,11 @@ class StageContext:
     @property
     def trainer(self) -> DictConfig:
         return self.group("trainer")
+
+    @property
+    def generation(self) -> Engine:
+        """The engine every place of this stage that samples uses (pipeline/generation.py)."""
+        return Engine.of(self.group("generation"))
 
     def attn_implementation(self) -> str | None:
         self.group("trainer")

@@ -43,7 +43,7 @@ SPLITS = ("preference",)
 # task has problems with answers
 OPTIONAL_SPLITS = ("rl", "eval")
 PAIR_SOURCES = ("on_policy", "task")
-USES = ("task", "optim", "peft", "trainer", "model")  # model: train_only/freeze checked against its parameters
+USES = ("task", "optim", "peft", "trainer", "model", "generation")  # model: train_only/freeze checked against its parameters
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 # the pairwise losses of trl 1.16's DPOTrainer (DPOConfig.loss_type); tests check them against it
 LOSS_TYPES = (

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
 from pipeline import distributed, preemption, rewards, tools, trainer_settings
 from pipeline.adapters import build_peft_config
+from pipeline.generation import Engine
 from pipeline.evaluate import EVAL_SAMPLES, EvalSettings, evaluate, held_out_accuracy
 from pipeline.models import (
     check_trainable_scope, count_parameters, load_model, restrict_trainable,
@@ -45,7 +45,7 @@ from pipeline.training_args import build_training_args
 
 SPLITS = ("rl",)
 OPTIONAL_SPLITS = ("eval",)  # the pass-rate curve and held-out accuracy, when the task has problems with answers
-USES = ("task", "optim", "peft", "trainer", "model")  # model: train_only/freeze checked against its parameters
+USES = ("task", "optim", "peft", "trainer", "model", "generation")  # model: train_only/freeze checked against its parameters
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # trl 1.16
@@ -63,6 +63,10 @@ def validate(cfg, input_path: Path | None) -> None:
     check_rewards(cfg)
     check_trainable_scope(cfg.stages.grpo, "grpo", cfg.peft.method, cfg.model, input_path)
     tools.check(cfg.stages.grpo, "grpo")
+    if cfg.task.get("calculator") and not tools.uses_tools(cfg.stages.grpo):
+        raise ConfigError("task.calculator=true trains sft to call the calculator, and grpo offers no tools; set "
+                          "stages.grpo.tools.calculator=pipeline.tasks.arithmetic:calculator (preset=demo_tools does), "
+                          "or task.calculator=false")
     if input_path is not None and tools.uses_tools(cfg.stages.grpo):
         tools.check_tokenizer(load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code)), "grpo", str(input_path))
 
@@ -104,8 +108,6 @@ def check_objective(cfg) -> None:
         raise ConfigError("stages.grpo.eval_every and stages.grpo.curve_problems must be >= 1")
     if not 0.0 <= stage.scaling_warmup_fraction < 1.0:
         raise ConfigError(f"stages.grpo.scaling_warmup_fraction={stage.scaling_warmup_fraction} must be in [0, 1)")
-    if stage.use_vllm and not torch.cuda.is_available():
-        raise ConfigError("stages.grpo.use_vllm=true needs a GPU (and the vllm package); set stages.grpo.use_vllm=false")
 
 
 def check_rewards(cfg) -> None:
@@ -142,10 +144,11 @@ def build_dataset(task) -> Dataset:
 
 
 def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, reward_weights: list[float],
-                  shared: dict | None = None) -> GRPOConfig:
+                  shared: dict | None = None, engine: Engine | None = None) -> GRPOConfig:
     """GRPOConfig: the shared fields (pipeline/training_args.py; no eval loop: the stage measures
-    its own pass rate) and GRPO's own."""
+    its own pass rate), GRPO's own, and the rollouts' engine (TRL's continuous batching or vLLM)."""
     extra = {} if stage_cfg.adam_epsilon is None else {"adam_epsilon": float(stage_cfg.adam_epsilon)}
+    extra.update((engine or Engine()).trl_fields())
     return build_training_args(
         GRPOConfig, stage_cfg, optim_cfg, peft_cfg, output_dir, seed, shared, evaluate=False,
         num_generations=stage_cfg.num_generations,
@@ -154,8 +157,6 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         top_p=1.0,
         top_k=0,
         mask_truncated_completions=bool(stage_cfg.mask_truncated_completions),
-        use_vllm=bool(stage_cfg.use_vllm),
-        vllm_mode=str(stage_cfg.vllm_mode),
         loss_type=str(stage_cfg.loss_type),
         beta=float(stage_cfg.beta),
         epsilon=float(stage_cfg.epsilon),
@@ -223,7 +224,8 @@ def run(ctx) -> dict[str, float]:
     restrict_trainable(model, cfg, "grpo")
     peft_config = build_peft_config(ctx.peft, model)
     reward_funcs = rewards.build(cfg, "grpo", ctx.task, ctx.run_dir, trust, int(cfg.eval_batch_size), ctx.forward_dtype())
-    args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, reward_funcs[1], ctx.shared_arguments(reference=True))
+    args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, reward_funcs[1], ctx.shared_arguments(reference=True),
+                         ctx.generation)
     if cfg.filter_samples:
         model = distributed.to_device_unless_sharded(model)
     with ctx.autocast():

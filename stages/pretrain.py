@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import time
 from itertools import chain
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from pipeline import artifacts, distributed, preemption
+from pipeline.errors import ConfigError
 from pipeline.evaluate import evaluate
 from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
 from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs
@@ -26,7 +28,7 @@ from pipeline.tokenizer import stop_token_ids, train_tokenizer
 from pipeline.training_args import build_training_args
 
 SPLITS = ("pretrain", "eval")
-USES = ("model", "task", "optim", "trainer")
+USES = ("model", "task", "optim", "trainer", "generation")
 NEEDS_INPUT = False  # no input: the model group builds one from config
 
 
@@ -83,6 +85,13 @@ class Throughput(TrainerCallback):
         self.tokens_per_second = (state.global_step - self.start_step) * self.tokens_per_step / max(elapsed, 1e-9)
 
 
+def validate(cfg, input_path: Path | None) -> None:
+    """Config errors, raised as ConfigError before any compute."""
+    if input_path is None and cfg.task.get("calculator") and not cfg.stages.pretrain.get("tokenizer_tools"):
+        raise ConfigError("task.calculator=true: sft trains on calculator calls, and the tokenizer pretrain trains "
+                          "would render no tool calls; set stages.pretrain.tokenizer_tools=true (preset=demo_tools does)")
+
+
 def setup_tokenizer_and_model(ctx):
     """From the input checkpoint (stages.pretrain.init or model.path), or new from config."""
     source = ctx.input_path
@@ -96,7 +105,9 @@ def setup_tokenizer_and_model(ctx):
     distributed.barrier()  # every rank has looked before the main process writes
     if need_tokenizer:
         if distributed.is_main_process():
-            tokenizer = train_tokenizer(ctx.task.pretrain_texts(), int(ctx.stage_cfg.tokenizer_vocab_size))
+            with_tools = bool(ctx.stage_cfg.get("tokenizer_tools", False))
+            texts = ctx.task.pretrain_texts() + (ctx.task.tool_call_texts() if with_tools else [])
+            tokenizer = train_tokenizer(texts, int(ctx.stage_cfg.tokenizer_vocab_size), tools=with_tools)
             tmp = ctx.stage_dir / ".tokenizer.tmp"
             tokenizer.save_pretrained(tmp)
             tmp.replace(tokenizer_dir)

@@ -39,7 +39,7 @@ from pipeline.tasks import conversational_pairs
 
 SPLITS = ("preference",)
 OPTIONAL_SPLITS = ("rl",)  # the prompts of on-policy pairs (pairs=on_policy|mix needs it)
-USES = ("task", "optim", "peft", "trainer")
+USES = ("task", "optim", "peft", "trainer", "generation")
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 PEFT_METHODS = ("none", "lora")
 

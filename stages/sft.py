@@ -24,7 +24,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
-from pipeline import distributed, preemption
+from pipeline import distributed, preemption, tools
 from pipeline.adapters import PROMPT_LEARNING, build_peft_config
 from pipeline.evaluate import EVAL_SAMPLES, EvalSettings, held_out_accuracy
 from pipeline.models import (
@@ -35,13 +35,14 @@ from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
 from pipeline.tasks.base import as_turns
 from pipeline.tokenizer import load_chat_tokenizer
+from pipeline.tool_loop import ToolSetup
 from pipeline.training_args import build_training_args
 from pipeline.errors import ConfigError
 from pipeline.log import log
 
 SPLITS = ("sft",)
 OPTIONAL_SPLITS = ("eval",)  # held-out accuracy when the task has problems with answers; else eval_loss only
-USES = ("task", "optim", "peft", "trainer")
+USES = ("task", "optim", "peft", "trainer", "generation")
 TRAINS_INPUT = True  # the runner checks the input: a model, not a saved adapter, with a chat template
 
 
@@ -57,12 +58,25 @@ def validate(cfg, input_path: Path | None) -> None:
             f"stages.sft.packing=true with peft={peft_cfg.method}: virtual tokens break the per-example attention "
             "of packed rows; set stages.sft.packing=false"
         )
+    tool_cfg, tool_stage = tools.tools_from(cfg, "sft")
+    if tool_cfg is not None:
+        tools.check(tool_cfg, tool_stage)
+        if input_path is not None:
+            tools.check_tokenizer(load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code)), tool_stage,
+                                  str(input_path))
+
+
+def extra_inputs(cfg, run_dir: Path, planned: dict[str, str]) -> str | None:
+    """Part of the config hash: the tools the held-out accuracy answers with (stages.sft.tools_from)."""
+    tool_cfg, _ = tools.tools_from(cfg, "sft")
+    return tools.fingerprint(tool_cfg) if tool_cfg is not None else None
 
 
 def check_data(cfg, task, input_path: Path | None) -> None:
     """Rows are left to train on, before any compute: the last eval_examples rows are held out,
     and (with the input's tokenizer, once it exists) TRL drops a row whose prompt fills
-    max_length, since no response token is left in it. Stops at the first row that survives."""
+    max_length, since no response token is left in it (stops at the first row that survives);
+    rows with tool calls need a chat template that renders them."""
     stage = cfg.stages.sft
     examples = task.sft_examples()
     n_eval = int(stage.eval_examples)
@@ -71,9 +85,19 @@ def check_data(cfg, task, input_path: Path | None) -> None:
         raise ConfigError(f"{source} has {len(examples)} rows and stages.sft.eval_examples={n_eval} of them are held out "
                           f"for eval_loss, which leaves none to train on; lower stages.sft.eval_examples "
                           f"(e.g. {max(1, len(examples) // 10)}) or add rows")
-    if input_path is None or stage.packing:  # packing chunks rows to max_length instead of dropping them
+    if input_path is None:
         return
     tokenizer = load_chat_tokenizer(input_path, bool(cfg.model.trust_remote_code))
+    calls = next((i for i, e in enumerate(examples) if any(t.get("tool_calls") for t in e.get("messages", ()))), None)
+    if calls is not None:
+        from trl.chat_template_utils import supports_tool_calling
+
+        if not supports_tool_calling(tokenizer):
+            raise ConfigError(f"{source}: row {calls + 1} calls tools, and the chat template of {input_path} does not "
+                              "render tool calls and results; start from a model whose template does (Qwen3, Llama "
+                              "3.1/3.2, the embedded model with stages.pretrain.tokenizer_tools=true)")
+    if stage.packing:  # packing chunks rows to max_length instead of dropping them
+        return
     prompt_lengths = []
     for example in examples[:-n_eval]:
         mask = tokenize_example(tokenizer, example)["completion_mask"]
@@ -230,8 +254,10 @@ def run(ctx) -> dict[str, float]:
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, ctx.save_dtype())
+    tool_cfg, tool_stage = tools.tools_from(ctx.cfg, ctx.name)  # evaluated with the tools the chain trains with
     accuracy = held_out_accuracy(model, tokenizer, ctx.task, EvalSettings.of_stage(cfg), ctx.seed, ctx.autocast(), ctx.name,
-                                 ctx.stage_dir / EVAL_SAMPLES)
+                                 ctx.stage_dir / EVAL_SAMPLES,
+                                 tools=ToolSetup.of(tool_cfg, tool_stage) if tool_cfg is not None else None)
     log_history = trainer.state.log_history
     if distributed.is_main_process():
         plot_loss(log_history, ctx.stage_dir / "loss.png", "sft loss (response tokens)")

@@ -30,7 +30,7 @@ from pipeline.tokenizer import load_chat_tokenizer
 from pipeline.tool_loop import ToolSetup
 
 SPLITS = ("eval",)
-USES = ("task", "trainer")
+USES = ("task", "trainer", "generation")
 WRITES_FINAL = False
 AUTO = "auto"  # methods: every method the run can score
 BEST_OF_N_REWARDS = ("reward_model",)  # the built-in best_of_n offers, beside the user's functions
@@ -59,13 +59,8 @@ def chosen_methods(cfg, run_dir: Path) -> tuple[list[str], str | None]:
 
 
 def tool_config(cfg):
-    """(the stage config holding the tools the policy answers with, its name), or (None, None):
-    stages.test_time.tools_from names it (grpo by default); a run without that stage, or whose
-    stage offers no tools, answers without."""
-    source = cfg.stages.test_time.get("tools_from")
-    if source is None or source not in cfg.stages:
-        return None, None
-    return (cfg.stages[source], str(source)) if tools.uses_tools(cfg.stages[source]) else (None, None)
+    """(the stage config holding the tools the policy answers with, its name), or (None, None)."""
+    return tools.tools_from(cfg, "test_time")
 
 
 def check_best_of_n(cfg, run_dir: Path) -> None:

@@ -216,3 +216,19 @@ def test_prompt_filter_drops_the_prompts_the_policy_always_solves(chain, tmp_pat
     # without the filter every prompt trains
     plain, none = training_prompts(None, tokenizer, ctx(compose_config(["preset=smoke"])))
     assert len(plain) == 12 and none == {}
+
+
+def test_grpo_and_test_time_generate_with_continuous_batching(chain, tmp_path):
+    """generation.engine=continuous_batching: grpo's rollouts through TRL's continuous batching and
+    every sampling place of grpo and test_time through generate_batch; recorded in metrics.json."""
+    run = tmp_path / "run"
+    done = run_cli("preset=smoke", "run.stages=[grpo,test_time]", f"run.dir={run}", "trainer.report_to=none",
+                   f"stages.grpo.init={chain / 'sft' / 'final'}", "generation.engine=continuous_batching",
+                   "+generation.continuous_batching.num_blocks=64", "+generation.continuous_batching.max_batch_tokens=512",
+                   "stages.test_time.methods=[greedy,sample]")
+    grpo = json.loads((run / "grpo" / "metrics.json").read_text())
+    assert grpo["generation_engine"] == "continuous_batching" and grpo["train_steps"] == 6
+    assert grpo["rollout_tokens"] > 0 and 0.0 < grpo["generation_share"] < 1.0
+    test_time = json.loads((run / "test_time" / "metrics.json").read_text())
+    assert test_time["generation_engine"] == "continuous_batching" and "accuracy/sample" in test_time
+    assert "stage test_time: completed" in done.stdout
