@@ -1,8 +1,11 @@
 """One-GPU check of the pipeline: tokens/s, MFU, GRPO step time and its generation share, and
 peak GPU memory of each stage of pretrain -> sft -> grpo -> test_time.
 
-    python benchmarks/gpu_check.py [--run-dir DIR] [hydra overrides...]    # on a node with one CUDA GPU
+    python benchmarks/gpu_check.py [--run-dir DIR] [--engine E] [hydra overrides...]   # on a node with one CUDA GPU
     python benchmarks/gpu_check.py --cpu-dry-run [--run-dir DIR]          # the same code path, tiny, on CPU
+
+--engine generate|continuous_batching|vllm sets generation.engine for every stage (grpo's rollouts
+and all sampling); run it once per engine to compare grpo's step time and generation share.
 
 Without a GPU and without --cpu-dry-run it exits 2 and says so.
 
@@ -163,9 +166,10 @@ COMMON = ["preset=none", "model=tiny_dense", "task=arithmetic", "optim=adamw", "
           "trainer.attn_implementation=sdpa", "trainer.report_to=none", "run.name=gpu_check", "run.force=true"]
 
 
-def overrides(dry_run: bool, run_dir: Path, extra: list[str]) -> list[str]:
+def overrides(dry_run: bool, run_dir: Path, extra: list[str], engine: str = "generate") -> list[str]:
     column = 1 if dry_run else 0
-    return [*COMMON, f"run.dir={run_dir}", *(f"{key}={values[column]}" for key, values in SIZES.items()), *extra]
+    return [*COMMON, f"run.dir={run_dir}", f"generation.engine={engine}",
+            *(f"{key}={values[column]}" for key, values in SIZES.items()), *extra]
 
 
 # --------------------------------------------------------------------------- GPU peak
@@ -387,6 +391,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on the CPU: the same code path, no figures")
     parser.add_argument("--run-dir", type=Path, default=None, help="where the stages write (default: a temporary dir, removed)")
+    parser.add_argument("--engine", default="generate", choices=("generate", "continuous_batching", "vllm"),
+                        help="generation.engine of every stage: grpo's rollouts and all sampling (run once per engine "
+                             "to compare grpo's step time and generation share)")
     args, extra = parser.parse_known_args()
     if not args.cpu_dry_run and not torch.cuda.is_available():
         print(NO_GPU_MESSAGE, file=sys.stderr)
@@ -397,7 +404,7 @@ def main() -> int:
         run_dir = args.run_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu_check-")))
         run_dir = run_dir.expanduser().resolve()
         where = f"run dir {run_dir}" + ("" if args.run_dir else " (removed at exit; --run-dir keeps it)")
-        hydra_args = overrides(args.cpu_dry_run, run_dir, extra)
+        hydra_args = overrides(args.cpu_dry_run, run_dir, extra, args.engine)
         command = [*hydra_args, f"run.stages=[{','.join(STAGES)}]"]
         print(f"gpu_check: python -m pipeline {' '.join(shlex.quote(a) for a in command)}")
         print("gpu_check: run here in-process, one run_pipeline call per stage into the same run dir", flush=True)
@@ -416,7 +423,7 @@ def main() -> int:
 
         pretrain = runs["pretrain"].metrics
         peak = f"{peak_tflops:.0f} TFLOP/s bf16 dense ({peak_source})" if peak_tflops else "no GPU peak: MFU n/a"
-        print(f"\ndevice: {device}; {peak}")
+        print(f"\ndevice: {device}; {peak}; generation engine {args.engine}")
         print(f"model: qwen3 (model=tiny_dense), {int(pretrain['total_parameters']):,} parameters; trainer mixed "
               f"precision {pretrain.get('mixed_precision')}; torch {torch.__version__}; {where}")
         print(f"total {total:.0f} s; stage wall times: " + ", ".join(f"{r.name} {r.wall_s:.0f} s" for r in runs.values()))

@@ -1,6 +1,6 @@
 """The tool-use demo beside the same chain without the tool: held-out accuracy on problems longer
-than any training split, tool calls per problem, the share of failed calls, and each stage's
-wall time.
+than pretraining saw (5-6 operands), tool calls per problem, the share of failed calls, and each
+stage's wall time.
 
     python benchmarks/tool_demo.py [--out DIR] [--seed 0] [hydra overrides...]
 
@@ -92,7 +92,7 @@ def main() -> None:
     arms["without"]["wall pretrain (s)"] = None  # shared: run once, in the first arm
     versions = {name: metadata.version(name) for name in LIBRARIES}
     lines = [f"# Tool-use demo, seed {args.seed} ({datetime.now():%Y-%m-%d %H:%M})", "",
-             "Held-out: the task's eval split, 5-6 operands (pretraining saw 2-3, sft and grpo 2-4).", "",
+             "Held-out: the task's eval split, 5-6 operands (pretraining saw 2-3, sft and grpo 2-6).", "",
              "| figure | with the calculator | without |", "| --- | --- | --- |"]
     lines += [f"| {key} | {cell(arms['with'][key])} | {cell(arms['without'][key])} |" for key in arms["with"]]
     lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f", Python {platform.python_version()}",

@@ -63,6 +63,12 @@ def validate(cfg, input_path: Path | None) -> None:
     check_rewards(cfg)
     check_trainable_scope(cfg.stages.grpo, "grpo", cfg.peft.method, cfg.model, input_path)
     tools.check(cfg.stages.grpo, "grpo")
+    engine = Engine.of(trainer_settings.stage_group(cfg, "generation", "grpo"))
+    if engine.name == "continuous_batching" and trainer_settings.precision(cfg, "grpo") != "fp32":
+        raise ConfigError(f"generation.engine=continuous_batching with trainer.precision={trainer_settings.precision(cfg, 'grpo')} "
+                          "in grpo: TRL 1.16's continuous-batching rollouts cast the policy to that dtype in place, so "
+                          "training would lose its fp32 master weights; use stages.grpo.trainer.precision=fp32, or "
+                          "generation.engine=generate or vllm for grpo")
     if cfg.task.get("calculator") and not tools.uses_tools(cfg.stages.grpo):
         raise ConfigError("task.calculator=true trains sft to call the calculator, and grpo offers no tools; set "
                           "stages.grpo.tools.calculator=pipeline.tasks.arithmetic:calculator (preset=demo_tools does), "

@@ -77,8 +77,17 @@ def test_cpu_dry_run_prints_every_stage(tmp_path):
     assert (run_dir / "test_time" / "metrics.json").is_file()
     command = next(line for line in proc.stdout.splitlines() if line.startswith("gpu_check: python -m pipeline "))
     for override in ("preset=none", "model=tiny_dense", "trainer.precision=bf16", "trainer.attn_implementation=sdpa",
+                     "generation.engine=generate",
                      "'run.stages=[pretrain,sft,grpo,test_time]'"):
         assert f" {override}" in command, override
+
+
+def test_the_vllm_engine_without_vllm_or_a_gpu_exits_2_naming_the_fix(tmp_path):
+    proc = run_script("--cpu-dry-run", "--engine", "vllm", "--run-dir", str(tmp_path / "run"), timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "generation.engine" in proc.stderr and "vllm" in proc.stderr
+    assert " generation.engine=vllm" in proc.stdout  # the command it ran says which engine
+    assert not (tmp_path / "run" / "pretrain" / "final").exists()  # refused before any stage ran
 
 
 def test_without_a_gpu_it_exits_2_and_says_why():

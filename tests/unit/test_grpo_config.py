@@ -89,6 +89,8 @@ def test_demo_experts_scope_on_a_dense_model_fails_when_the_chain_is_planned(tmp
         (["stages.grpo.reward_weights.reward_model=0.5"], r"reward_model=auto reads .*/run/reward/final, which does not exist"),
         (["stages.grpo.reward_model=/nowhere", "stages.grpo.reward_weights.reward_model=1"], r"reward_model=/nowhere is not a model directory"),
         (["stages.grpo.reward_weights.format=1", "stages.grpo.format_pattern='(unclosed'"], r"format_pattern='\(unclosed' is not a regular expression"),
+        (["stages.grpo.generation={engine: continuous_batching}", "trainer.precision=bf16"],
+         r"TRL 1.16's continuous-batching rollouts cast the policy to that dtype in place"),
         (["stages.grpo.generation={engine: vllm}"], r"generation.engine \(stages.grpo.generation.engine\)=vllm: the vllm "
                                                     r"package is not installed; pip install -e '.\[vllm\]'"),
         (["peft=lora", "stages.grpo.freeze=[self_attn]"], r"freeze applies to full fine-tuning; with peft=lora choose"),
