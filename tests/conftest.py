@@ -81,12 +81,22 @@ def run_cli(*overrides: str, check: bool = True, timeout: float = 600) -> subpro
     return proc
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now: a launch's rendezvous does not depend on 29500 being free
+    (a process of another test, or one left over, may hold it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def run_accelerate(config: str, *args: str, num_processes: int = 2, timeout: float = 900) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file conf/accelerate/<config>.yaml --num_processes N <args>`
     from the repo root (the configs point at conf/deepspeed/*.json by relative path)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONF / "accelerate" / f"{config}.yaml"),
-               "--num_processes", str(num_processes), *args]
+               "--num_processes", str(num_processes), "--main_process_port", str(free_port()), *args]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(command[3:])} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"

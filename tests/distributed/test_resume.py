@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, free_port
 from tests.stages.test_kill_resume import assert_same_weights, run_until_checkpoint
 
 ARGS = ["preset=smoke", "run.stages=[pretrain]", "stages.pretrain.save_steps=5"]
@@ -22,6 +22,7 @@ ARGS = ["preset=smoke", "run.stages=[pretrain]", "stages.pretrain.save_steps=5"]
 def test_two_process_pretrain_killed_mid_stage_equals_the_uninterrupted_run(tmp_path, launch):
     env = {"OMP_NUM_THREADS": "1", **({"ACCELERATE_USE_CPU": "1"} if launch == "ddp" else {})}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+               "--main_process_port", str(free_port()),
                "--config_file", str(CONF / "accelerate" / f"{launch}.yaml"), "-m", "pipeline"]
 
     def run(*args: str) -> None:

@@ -15,7 +15,7 @@ def test_help_lists_the_config_groups_and_names_the_launch_configs_apart():
     done = run_cli("--help")
     groups = done.stdout.split("== Configuration groups ==")[1].split("Launch configs")[0]
     listed = {line.split(":")[0] for line in groups.splitlines() if re.match(r"^\w+: ", line)}
-    assert listed == {"model", "optim", "peft", "preset", "stages", "task", "trainer"}
+    assert listed == {"model", "optim", "peft", "preset", "stages", "task", "trainer", "generation"}
     assert "accelerate launch --config_file conf/accelerate/<name>.yaml" in done.stdout
     assert "ddp, fsdp2, multinode, single_gpu, zero1, zero2, zero3" in done.stdout
 
