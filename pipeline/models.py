@@ -24,17 +24,34 @@ BASE_DIR = "base"  # a prefix/prompt-tuning final/ keeps its frozen base model h
 
 def build_model(model_cfg, tokenizer, attn_implementation: str | None = None) -> PreTrainedModel:
     """A freshly initialised model of `model_cfg.arch` (a transformers model_type) sized to the
-    tokenizer; `attn_implementation` None: transformers' default."""
+    tokenizer, or to `model.config.vocab_size` when that is set (at least the tokenizer's size: a
+    padded embedding, as Qwen3's 151,936 rows for 151,669 tokens); `attn_implementation` None:
+    transformers' default."""
     kwargs = OmegaConf.to_container(model_cfg.config, resolve=True)
+    check_model_config(kwargs)
+    vocab_size = int(kwargs.pop("vocab_size", None) or len(tokenizer))
+    if vocab_size < len(tokenizer):
+        raise ConfigError(f"model.config.vocab_size={vocab_size} is below the tokenizer's {len(tokenizer)} tokens; "
+                          "raise it or drop the override (the model is then sized to the tokenizer)")
     config = AutoConfig.for_model(
         model_cfg.arch,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         **kwargs,
     )
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+TOKENIZER_IDS = ("pad_token_id", "eos_token_id", "bos_token_id")  # build_model takes them from the tokenizer
+
+
+def check_model_config(config: dict) -> None:
+    """ConfigError for a model.config key that build_model sets from the tokenizer."""
+    for key in TOKENIZER_IDS:
+        if key in config:
+            raise ConfigError(f"model.config.{key} is set from the tokenizer when the model is built; drop the override")
 
 
 def load_model(path: str, trust_remote_code: bool = False, attn_implementation: str | None = None,

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from omegaconf import OmegaConf
 from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 from pipeline import artifacts, distributed, preemption
 from pipeline.errors import ConfigError
 from pipeline.evaluate import evaluate
-from pipeline.models import build_model, count_parameters, load_model, router_logits_off, set_router_aux_loss
+from pipeline.models import build_model, check_model_config, count_parameters, load_model, router_logits_off, set_router_aux_loss
 from pipeline.optim import OptimizerStateSize, optimizer_cls_and_kwargs
 from pipeline.report import first_and_last_loss, plot_loss
 from pipeline.resume import ExactResume
@@ -87,6 +88,13 @@ class Throughput(TrainerCallback):
 
 def validate(cfg, input_path: Path | None) -> None:
     """Config errors, raised as ConfigError before any compute."""
+    if input_path is None:
+        model_config = OmegaConf.to_container(cfg.model.config, resolve=True)
+        check_model_config(model_config)
+        vocab = model_config.get("vocab_size")
+        if vocab is not None and int(vocab) < int(cfg.stages.pretrain.tokenizer_vocab_size):
+            raise ConfigError(f"model.config.vocab_size={vocab} is below stages.pretrain.tokenizer_vocab_size="
+                              f"{cfg.stages.pretrain.tokenizer_vocab_size}; raise it or drop the override")
     if input_path is None and cfg.task.get("calculator") and not cfg.stages.pretrain.get("tokenizer_tools"):
         raise ConfigError("task.calculator=true: sft trains on calculator calls, and the tokenizer pretrain trains "
                           "would render no tool calls; set stages.pretrain.tokenizer_tools=true (preset=demo_tools does)")
