@@ -352,7 +352,7 @@ def grpo_bare(overrides: list[str], init: Path, warmup: int, steps: int, run_dir
         learning_rate=float(lr), weight_decay=float(optim.weight_decay), adam_beta1=float(optim.betas[0]),
         adam_beta2=float(optim.betas[1]), adam_epsilon=float(s.adam_epsilon if s.adam_epsilon is not None else optim.eps),
         lr_scheduler_type=str(optim.scheduler), warmup_steps=float(optim.warmup_ratio),
-        max_grad_norm=float(optim.max_grad_norm), optim="adamw_torch",  # the pipeline's (TRL's default is fused)
+        max_grad_norm=float(optim.max_grad_norm), optim="adamw_torch_fused",  # the pipeline's (and TRL's default)
         save_strategy="no", logging_steps=int(s.logging_steps), report_to=[], seed=int(cfg.seed), bf16=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )

@@ -222,7 +222,8 @@ def hybrid_optimizer(model: nn.Module, settings: MuonSettings) -> MuonHybrid:
     by_role = split(model)
     muon = dict(lr=settings.muon_lr, weight_decay=settings.weight_decay, momentum=settings.momentum,
                 nesterov=True, ns_steps=NS_STEPS, adjust_lr_fn=settings.adjust_lr)
-    groups = [{"rule": ADAMW, **group} for group in adamw_groups(by_role, settings)]
+    # fused AdamW, as optim=adamw (pipeline/optim.py): no temporaries the size of the embedding
+    groups = [{"rule": ADAMW, "fused": True, **group} for group in adamw_groups(by_role, settings)]
     groups += [{"rule": rule, "params": by_role[rule], **muon} for rule in (MUON, EXPERT_MUON) if by_role[rule]]
     return MuonHybrid(groups)
 

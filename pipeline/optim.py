@@ -51,7 +51,11 @@ def trainer_kwargs(optim_cfg, lr: float | None = None) -> dict:
     check_supported(optim_cfg)
     beta1, beta2 = optim_cfg.betas
     return dict(
-        optim="adamw_torch",  # optim=muon: replaced by optimizer_cls_and_kwargs
+        # torch's fused AdamW (CPU and CUDA): one kernel per tensor and no temporaries; the
+        # single-tensor one (torch's CPU default) holds twice the largest parameter during the
+        # step, the foreach one (CUDA default) 4 bytes per trained parameter (docs/memory.md).
+        # optim=muon: replaced by optimizer_cls_and_kwargs
+        optim="adamw_torch_fused",
         learning_rate=float(lr if lr is not None else optim_cfg.lr),
         weight_decay=float(optim_cfg.weight_decay),
         adam_beta1=float(beta1),

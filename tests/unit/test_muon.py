@@ -111,7 +111,7 @@ def test_hybrid_matches_torch_muon_and_adamw(tiny_moe):
                                   adjust_lr_fn="match_rms_adamw")
     torch_adamw = torch.optim.AdamW([{"params": pick(muon.ADAMW), "weight_decay": 0.1},
                                      {"params": pick(muon.ADAMW_NO_DECAY), "weight_decay": 0.0}],
-                                    lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+                                    lr=3e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
     expert_muon = muon.ExpertMuon(pick(muon.EXPERT_MUON), lr=3e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                                   adjust_lr_fn="match_rms_adamw")
     for step in range(3):

@@ -1,6 +1,9 @@
 """The optim factory: what each launch gets, and the launches it refuses before training."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from omegaconf import OmegaConf
 
 from pipeline import muon
 from pipeline.optim import check_supported, optimizer_cls_and_kwargs, optimizer_state_bytes, trainer_kwargs
-from tests.conftest import CONF, compose_config
+from tests.conftest import CONF, ROOT, compose_config
 
 
 def optim(name: str, *overrides: str):
@@ -26,8 +29,34 @@ def launch_with_deepspeed(monkeypatch, tmp_path, config: dict | str) -> None:
 
 def test_adamw_is_the_trainers_own():
     kwargs = trainer_kwargs(optim("adamw"), lr=1e-3)
-    assert kwargs["optim"] == "adamw_torch" and kwargs["learning_rate"] == 1e-3 and kwargs["ddp_backend"] is None
+    assert kwargs["optim"] == "adamw_torch_fused" and kwargs["learning_rate"] == 1e-3 and kwargs["ddp_backend"] is None
     assert optimizer_cls_and_kwargs(optim("adamw")) is None
+
+
+ADAMW_STEP = """
+import resource, sys, torch
+from transformers import Trainer, TrainingArguments
+from pipeline.optim import trainer_kwargs
+from tests.conftest import compose_config
+args = TrainingArguments(output_dir=sys.argv[1], report_to=[], **trainer_kwargs(compose_config([]).optim))
+cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+weight = torch.nn.Parameter(torch.randn(32 * 2**20))  # 128 MiB, like one embedding matrix
+weight.grad = torch.randn_like(weight)
+optimizer = cls([weight], **kwargs)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+optimizer.step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_the_adamw_step_holds_its_state_and_no_copy_of_the_weights(tmp_path):
+    """Peak resident growth over the first step: the two moments (256 MiB) and nothing else. The
+    single-tensor AdamW (torch's CPU default) measured 516 MiB: two temporaries of the parameter."""
+    proc = subprocess.run([sys.executable, "-c", ADAMW_STEP, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    growth_mib = float(proc.stdout.split()[-1])
+    assert 250 <= growth_mib <= 256 + 32, growth_mib
 
 
 def test_muon_is_built_by_the_trainers_factory_hook():
