@@ -121,6 +121,11 @@ class StageContext:
         self.group("trainer")
         return trainer_settings.forward_dtype(self.cfg, self.name)
 
+    def policy_dtype(self):
+        """The dtype in which this stage loads the model it trains (trainer_settings.policy_dtype)."""
+        self.group("trainer")
+        return trainer_settings.policy_dtype(self.cfg, self.name, self.input_path, str(self.peft.method))
+
     def autocast(self):
         """The context in which this stage evaluates the model it trained."""
         self.group("trainer")

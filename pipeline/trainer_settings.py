@@ -67,6 +67,19 @@ def forward_dtype(cfg, stage: str) -> torch.dtype:
     return DTYPES[precision(cfg, stage)]
 
 
+def policy_dtype(cfg, stage: str, input_path: Path | None, peft_method: str) -> torch.dtype:
+    """The dtype in which `stage` loads the model it trains. Full fine-tuning: fp32, the master
+    weights the optimizer updates (trainer.precision is the autocast). With an adapter (peft) the
+    base stays frozen and only runs forward, so it is loaded in the forward dtype when the
+    checkpoint is stored in that dtype: a bf16 checkpoint under bf16 takes half the bytes and
+    nothing is rounded. A wider checkpoint (fp32) stays fp32, so that LoRA's merge into it at
+    hand-off rounds nothing either. The adapter's own weights are fp32 (PEFT upcasts them)."""
+    forward = forward_dtype(cfg, stage)
+    if peft_method == "none" or forward == torch.float32 or checkpoint_dtype(input_path) != forward:
+        return torch.float32
+    return forward
+
+
 def reference(cfg, stage: str) -> dict:
     """DPOConfig/GRPOConfig fields that load the frozen reference in the stage's forward dtype.
     (TRL builds it from the policy's path with args.model_init_kwargs; its warning that the

@@ -170,7 +170,7 @@ def implicit_rewards(trainer: DPOTrainer, pairs, prefix: str) -> dict[str, float
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
     tokenizer = load_chat_tokenizer(ctx.input_path, ctx.trust_remote_code)
-    model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation())
+    model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation(), ctx.policy_dtype())
     restrict_trainable(model, ctx.stage_cfg, "dpo")
     peft_config = build_peft_config(ctx.peft, model)
     set_router_aux_loss(model, ctx.peft.method != "prefix")  # see router_aux_loss_coef below

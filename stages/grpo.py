@@ -224,7 +224,7 @@ def run(ctx) -> dict[str, float]:
     trust = ctx.trust_remote_code
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
-    model = load_model(str(ctx.input_path.resolve()), trust, ctx.attn_implementation())
+    model = load_model(str(ctx.input_path.resolve()), trust, ctx.attn_implementation(), ctx.policy_dtype())
     # (resolved: TRL reloads the reference from it)
     set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
     restrict_trainable(model, cfg, "grpo")
@@ -236,6 +236,7 @@ def run(ctx) -> dict[str, float]:
         model = distributed.to_device_unless_sharded(model)
     with ctx.autocast():
         train_data, filter_metrics = training_prompts(model, tokenizer, ctx)
+    ctx.generation.wait_for_server()  # vllm server mode: every rank, with a clear error (pipeline/generation.py)
     trainer = build_trainer(model, tokenizer, train_data, args, reward_funcs, cfg, peft_config, ctx.optim)
 
     curve = None

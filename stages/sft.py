@@ -241,7 +241,7 @@ def build_trainer(
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
     tokenizer = load_chat_tokenizer(ctx.input_path, ctx.trust_remote_code)
-    model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation())
+    model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation(), ctx.policy_dtype())
     # (resolved: the adapter records its base)
     peft_config = build_peft_config(ctx.peft, model)
     set_router_aux_loss(model, True)
