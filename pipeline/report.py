@@ -97,10 +97,11 @@ def first_and_last_loss(log_history: list[dict]) -> tuple[float, float]:
     return (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
 
 
-def plot_loss(log_history: list[dict], path: Path, title: str) -> None:
-    """Train and eval loss against step, from a Trainer's log history."""
+def plot_loss(log_history: list[dict], path: Path, title: str, eval_key: str = "eval_loss") -> None:
+    """Train and eval loss against step, from a Trainer's log history (`eval_key`: the eval
+    loss's name there; a trainer with several evaluation sets logs eval_<set>_loss)."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    evals = [(e["step"], e[eval_key]) for e in log_history if eval_key in e]
     curves = {name: tuple(map(list, zip(*points))) for name, points in (("train", train), ("eval", evals)) if points}
     if curves:
         plot_curves(path, curves, "step", "loss", title)

@@ -83,9 +83,25 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, s
         loss_type=list(stage_cfg.loss_type) if not isinstance(stage_cfg.loss_type, str) else [stage_cfg.loss_type],
         loss_weights=list(stage_cfg.loss_weights) if stage_cfg.loss_weights is not None else None,
         label_smoothing=float(stage_cfg.label_smoothing),
+        precompute_ref_log_probs=precomputes_reference(stage_cfg),
         # prefix tuning: no router aux loss (TRL hands the prefix-lengthened mask to the MoE aux loss, see sft)
         router_aux_loss_coef=0.0 if peft_cfg.method == "prefix" else None,
     )
+
+
+def precomputes_reference(stage_cfg) -> bool:
+    """Whether TRL computes the reference log-probs of every pair once, with the starting policy,
+    before training, and keeps no reference model (full fine-tuning: 2-4 bytes per parameter
+    less). Step-level rows are changed after TRL tokenizes them (drop_appended_eos), so they keep
+    the reference model and score it per step."""
+    return bool(stage_cfg.precompute_ref_log_probs) and not bool(stage_cfg.step_level)
+
+
+def reference_kind(trainer, args: DPOConfig) -> str:
+    """How the stage scored the reference: precomputed, a frozen model, or the policy with its adapter disabled."""
+    if args.precompute_ref_log_probs:
+        return "precomputed"
+    return "model" if trainer.ref_model is not None else "adapter_disabled"
 
 
 def check_data(cfg, task) -> None:
@@ -142,11 +158,16 @@ class StageDPOTrainer(ExactResume, DPOTrainer):
     pass
 
 
-def build_trainer(model, tokenizer, train_data, eval_data, args: DPOConfig, peft_config, optim_cfg) -> DPOTrainer:
-    """TRL's DPOTrainer with the reference left to TRL (a frozen copy, or the adapter disabled).
-    Plain-text training rows lose the EOS token TRL appends to them (drop_appended_eos)."""
+def build_trainer(model, tokenizer, train_data, eval_data, args: DPOConfig, peft_config, optim_cfg,
+                  train_probe=None) -> DPOTrainer:
+    """TRL's DPOTrainer with the reference left to TRL (log-probs precomputed, a frozen copy, or
+    the adapter disabled). `train_probe` (training pairs the stage evaluates before and after)
+    joins the evaluation sets as "train_probe", beside "eval": TRL precomputes the reference for
+    evaluation sets given at construction only. Plain-text training rows lose the EOS token TRL
+    appends to them (drop_appended_eos)."""
+    evaluation = eval_data if train_probe is None else {"eval": eval_data, "train_probe": train_probe}
     trainer = StageDPOTrainer(
-        model=model, ref_model=None, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        model=model, ref_model=None, args=args, train_dataset=train_data, eval_dataset=evaluation,
         processing_class=tokenizer, peft_config=peft_config,
     )
     # trl 1.16's DPOTrainer has no constructor argument for it; the Trainer reads the attribute
@@ -156,9 +177,9 @@ def build_trainer(model, tokenizer, train_data, eval_data, args: DPOConfig, peft
     return trainer
 
 
-def implicit_rewards(trainer: DPOTrainer, pairs, prefix: str) -> dict[str, float]:
+def implicit_rewards(trainer: DPOTrainer, pairs: str, prefix: str) -> dict[str, float]:
     """TRL's implicit-reward accuracy and margin (beta * log-ratio to the reference, chosen minus
-    rejected) on `pairs`, from one evaluation pass."""
+    rejected) on the evaluation set named `pairs` (build_trainer), from one evaluation pass."""
     metrics = trainer.evaluate(eval_dataset=pairs)  # trl logs these as eval_rewards/* whatever the prefix
     return {
         f"{prefix}_reward_accuracy": metrics["eval_rewards/accuracies"],
@@ -187,10 +208,10 @@ def run(ctx) -> dict[str, float]:
         train_data = Dataset.from_list(first_step_pairs(pairs, tokenizer)) if cfg.step_level else conversational_pairs(pairs, 0)[0]
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
     args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments(reference=True))
-    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.optim)
-    before = implicit_rewards(trainer, train_probe, "train_probe_before")
+    trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.optim, train_probe)
+    before = implicit_rewards(trainer, "train_probe", "train_probe_before")
     train_output = preemption.train(trainer, ctx)
-    after = {**implicit_rewards(trainer, train_probe, "train_probe"), **implicit_rewards(trainer, eval_data, "eval")}
+    after = {**implicit_rewards(trainer, "train_probe", "train_probe"), **implicit_rewards(trainer, "eval", "eval")}
 
     trainable, total = count_parameters(trainer.model)
     model = save_policy(trainer, tokenizer, ctx.stage_dir, ctx.save_dtype())
@@ -198,7 +219,8 @@ def run(ctx) -> dict[str, float]:
                                  ctx.stage_dir / EVAL_SAMPLES)
     log_history = trainer.state.log_history
     if distributed.is_main_process():
-        plot_loss(log_history, ctx.stage_dir / "loss.png", f"dpo loss ({', '.join(args.loss_type)}, beta={args.beta})")
+        plot_loss(log_history, ctx.stage_dir / "loss.png", f"dpo loss ({', '.join(args.loss_type)}, beta={args.beta})",
+                  eval_key="eval_eval_loss")
     first_loss, last_loss = first_and_last_loss(log_history)
     last_train = next((e for e in reversed(log_history) if "rewards/margins" in e), {})
     return {
@@ -215,5 +237,6 @@ def run(ctx) -> dict[str, float]:
         "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
         "trainable_parameters": trainable,
         **trainer_settings.reference_dtype(trainer),
+        "reference": reference_kind(trainer, args),
         "total_parameters": total,
     }

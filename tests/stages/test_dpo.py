@@ -44,10 +44,44 @@ def trainable_split(model) -> tuple[dict, dict]:
     return frozen, trained
 
 
+def completion_log_prob(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        log_probs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    targets = ids[0, 1:]
+    return log_probs[torch.arange(len(targets)), targets][len(prompt_ids) - 1:].sum().item()
+
+
+def test_precomputed_reference_is_the_starting_policy_and_no_second_model(smoke_chain_run, tmp_path):
+    """Full fine-tuning with precompute_ref_log_probs (the default): TRL scores every training
+    and evaluation pair once with the starting policy and holds one model, not two."""
+    sft_final = smoke_chain_run / "sft" / "final"
+    cfg = compose_config(["preset=smoke", "stages.dpo.max_steps=3", "stages.dpo.lr=1e-2"])
+    tokenizer = load_chat_tokenizer(sft_final)
+    model = load_model(str(sft_final))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    train, held_out = conversational_pairs(build_task(cfg.task).preference_pairs(), 16)
+    args = dpo.training_args(cfg.stages.dpo, cfg.optim, cfg.peft, tmp_path, seed=0)
+    assert args.precompute_ref_log_probs
+    trainer = dpo.build_trainer(model, tokenizer, train, held_out, args, None, cfg.optim, train.select(range(4)))
+    assert trainer.ref_model is None and dpo.reference_kind(trainer, args) == "precomputed"
+    held = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in trainer.model.parameters()}
+    assert sum(held.values()) == weights
+    sft = load_model(str(sft_final))
+    for dataset in (trainer.train_dataset, trainer.eval_dataset["eval"], trainer.eval_dataset["train_probe"]):
+        row = dataset[0]
+        for side in ("chosen", "rejected"):
+            expected = completion_log_prob(sft, row["prompt_ids"], row[f"{side}_ids"])
+            assert abs(row[f"ref_{side}_logps"] - expected) < 1e-3 * max(1.0, abs(expected)), side
+    trainer.train()  # and the implicit rewards after training still read the starting policy's
+    assert dpo.implicit_rewards(trainer, "train_probe", "probe")["probe_reward_margin"] != 0
+
+
 @pytest.mark.parametrize("method", ["none", "lora", "prefix"])
 def test_policy_trains_and_reference_stays(smoke_chain_run, tmp_path, method):
     sft_final = smoke_chain_run / "sft" / "final"
-    cfg = compose_config(["preset=smoke", f"peft={method}", "stages.dpo.max_steps=3", "stages.dpo.lr=1e-2"])
+    cfg = compose_config(["preset=smoke", f"peft={method}", "stages.dpo.max_steps=3", "stages.dpo.lr=1e-2",
+                          "stages.dpo.precompute_ref_log_probs=false"])
     tokenizer = load_chat_tokenizer(sft_final)
     model = load_model(str(sft_final))
     train, held_out = conversational_pairs(build_task(cfg.task).preference_pairs(), 16)
@@ -57,12 +91,13 @@ def test_policy_trains_and_reference_stays(smoke_chain_run, tmp_path, method):
     with torch.no_grad():
         sft_logits = load_model(str(sft_final))(**probe).logits
 
-    if method == "none":  # a frozen copy of the SFT model
+    if method == "none":  # precompute_ref_log_probs=false: a frozen copy of the SFT model
         reference = trainer.ref_model
         assert reference is not None and reference is not trainer.model
+        assert dpo.reference_kind(trainer, args) == "model"
         ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
     else:  # no second copy: the reference is the policy with its adapter disabled
-        assert trainer.ref_model is None
+        assert trainer.ref_model is None and dpo.reference_kind(trainer, args) == "adapter_disabled"
     frozen_before, trained_before = trainable_split(trainer.model)
     trainer.train()
     frozen_after, trained_after = trainable_split(trainer.model)

@@ -54,9 +54,11 @@ def test_bf16_trains_under_bf16_autocast_in_every_training_stage(bf16_chain, smo
     assert metrics(bf16_chain, "test_time")["eval_num_problems"] > 0
     assert metrics(bf16_chain, "test_time")["model_dtype"] == "bfloat16"
     assert metrics(smoke_chain_run, "test_time")["model_dtype"] == "float32"
-    for stage in ("dpo", "grpo"):  # the frozen references: forward-only, loaded in bf16
-        assert metrics(bf16_chain, stage)["reference_dtype"] == "bfloat16", stage
-        assert metrics(smoke_chain_run, stage)["reference_dtype"] == "float32", stage
+    # grpo's frozen reference: forward-only, loaded in bf16; dpo precomputes its reference log-probs
+    assert metrics(bf16_chain, "grpo")["reference_dtype"] == "bfloat16"
+    assert metrics(smoke_chain_run, "grpo")["reference_dtype"] == "float32"
+    for run in (bf16_chain, smoke_chain_run):
+        assert metrics(run, "dpo")["reference"] == "precomputed" and "reference_dtype" not in metrics(run, "dpo")
     # the model was built from config: every final/ stays fp32 (save_dtype auto follows the input)
     for stage in TRAINING:
         assert safetensors_dtypes(bf16_chain / stage / "final") == {"F32"}, stage
