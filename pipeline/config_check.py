@@ -133,7 +133,7 @@ RULES: dict[str, Rule] = {
     "num_iterations": COUNT, "eval_every": COUNT, "curve_problems": COUNT,
     "block_size": COUNT, "num_samples": COUNT, "mcmc_steps": COUNT_OR_ZERO,
     "lr": LR, "adam_epsilon": Rule("number", low=0, low_open=True, null="falls back to optim.eps"),
-    "gradient_checkpointing": BOOL, "packing": BOOL, "step_level": BOOL, "precompute_ref_log_probs": BOOL, "mask_truncated_completions": BOOL,
+    "gradient_checkpointing": BOOL, "packing": BOOL, "step_level": BOOL, "precompute_ref_log_probs": BOOL, "ds3_gather_for_generation": BOOL, "mask_truncated_completions": BOOL,
     "train_only": TEXTS, "freeze": TEXTS, "train_only_by_peft": Rule("any"), "methods": Rule("names"),
     "sample_temperature": POSITIVE, "temperature": POSITIVE, "curve_temperature": POSITIVE,
     "zero_variance_weight": PROBABILITY,

@@ -173,6 +173,7 @@ def training_args(stage_cfg, optim_cfg, peft_cfg, output_dir: Path, seed: int, r
         reward_weights=reward_weights,
         router_aux_loss_coef=None if stage_cfg.router_aux_loss_coef is None else float(stage_cfg.router_aux_loss_coef),
         max_tool_calling_iterations=stage_cfg.get("max_tool_calling_iterations"),
+        ds3_gather_for_generation=bool(stage_cfg.ds3_gather_for_generation),
         **extra,
     )
 

@@ -176,3 +176,9 @@ def test_freeze_and_train_only_select_the_trained_parameters(tiny_policy):
     # every pattern must match: on a dense model the demo scope is an error, not "train the norm only"
     with pytest.raises(ConfigError, match=r"train_only: .*experts.* matches no parameter of Qwen3ForCausalLM.*train_only=\[\]"):
         scoped("tiny_dense", train_only=demo_scope)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_ds3_gather_for_generation_reaches_trl(tmp_path, gather):
+    cfg = compose_config(["preset=smoke", f"stages.grpo.ds3_gather_for_generation={str(gather).lower()}"])
+    assert training_args(cfg.stages.grpo, cfg.optim, cfg.peft, tmp_path, 0, [1.0]).ds3_gather_for_generation is gather
