@@ -13,6 +13,9 @@ stage under stages.<stage>.generation like the trainer group):
 The runner sets the stage's engine around its run (`using`); pipeline.evaluate.generate reads it
 (`current`), so held-out evaluation, the pass-rate curve, the prompt filter, the on-policy pairs,
 the tool loop and test_time's sampling methods all follow the one setting.
+
+In server mode every rank waits for the server's health route (`wait_for_server`) before TRL
+builds its client, so a server that never comes up ends the stage with one clear error.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -29,6 +37,13 @@ from pipeline.errors import ConfigError
 ENGINES = ("generate", "continuous_batching", "vllm")
 CPU_CACHE_SHARE = 0.05
 VLLM_MODES = ("colocate", "server")
+# http://host:port of the vLLM server slurm/common.sh started for the job. An environment variable,
+# not a config override, so grpo's config hash stays the same on whichever node a requeued job runs.
+SERVER_ENV = "PIPELINE_VLLM_SERVER"
+
+
+class ServerUnavailable(RuntimeError):
+    """TRL's vLLM server did not answer its health route within generation.vllm.server_timeout_s."""
 
 
 def vllm_range() -> tuple[str, str] | None:
@@ -96,13 +111,66 @@ class Engine:
                           vllm_enable_sleep_mode=bool(v.get("enable_sleep_mode", False)),
                           vllm_tensor_parallel_size=int(v.get("tensor_parallel_size", 1)))
         else:
-            if v.get("server_base_url"):
-                fields["vllm_server_base_url"] = str(v["server_base_url"])
+            if os.environ.get(SERVER_ENV) or v.get("server_base_url"):
+                fields["vllm_server_base_url"] = self.server_url
             else:
                 fields.update(vllm_server_host=str(v.get("server_host", "0.0.0.0")),
                               vllm_server_port=int(v.get("server_port", 8000)))
             fields["vllm_server_timeout"] = float(v.get("server_timeout_s", 240.0))
         return fields
+
+    @property
+    def server_mode(self) -> bool:
+        return self.name == "vllm" and str(self.vllm.get("mode", "colocate")) == "server"
+
+    @property
+    def server_url(self) -> str:
+        """Where TRL's vLLM server is: the one the sbatch scripts started (SERVER_ENV), else
+        server_base_url, else http://server_host:server_port."""
+        v = self.vllm
+        url = os.environ.get(SERVER_ENV) or v.get("server_base_url")
+        if url:
+            return str(url).rstrip("/")
+        return f"http://{v.get('server_host', '0.0.0.0')}:{int(v.get('server_port', 8000))}"
+
+    def wait_for_server(self) -> None:
+        """In server mode, wait until the server answers (no-op otherwise). Every rank calls it, so
+        none is left waiting in a collective for a main process that failed."""
+        if self.server_mode:
+            from pipeline.log import log
+
+            waited = wait_for_server(self.server_url, float(self.vllm.get("server_timeout_s", 240.0)))
+            log(f"vLLM server at {self.server_url} answered after {waited:.0f} s")
+
+
+def wait_for_server(url: str, timeout_s: float, interval_s: float = 2.0) -> float:
+    """Poll <url>/health until it answers 200; return the seconds waited. After timeout_s (each
+    request bounded by the time left) raise ServerUnavailable naming the address and the fix.
+    TRL's own check (trl/generation/vllm_client.py `check_server`) waits only on the main
+    process and retries a non-200 answer without a deadline."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            timeout = min(10.0, max(0.1, deadline - time.monotonic()))
+            with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+                if response.status == 200:
+                    return time.monotonic() - start
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            last = str(getattr(err, "reason", err))
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(max(0.0, min(interval_s, deadline - time.monotonic())))
+    address = urllib.parse.urlsplit(url).netloc
+    raise ServerUnavailable(
+        f"no vLLM server answered at {address} ({url}/health) within generation.vllm.server_timeout_s={timeout_s:g}s "
+        f"(last: {last}). Check the server's log (the sbatch scripts write <run.dir>/vllm-server-<job id>.log) and that "
+        f"`trl vllm-serve --model <the stage's input> --port {address.rpartition(':')[2]}` runs on "
+        f"{address.rpartition(':')[0]}; a large model loads slowly: raise generation.vllm.server_timeout_s")
 
 
 def check(engine: Engine, stage: str) -> None:

@@ -5,6 +5,10 @@ engine settings stop before compute."""
 
 from __future__ import annotations
 
+import http.server
+import socket
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -175,7 +179,7 @@ def test_every_place_that_samples_follows_the_stages_engine(tokenizer, place, tm
     assert calls["generate_batch"] > 0 and calls["generate"] == 0
 
 
-def test_grpo_rollouts_take_the_engine_as_trl_fields():
+def test_grpo_rollouts_take_the_engine_as_trl_fields(monkeypatch):
     assert Engine().trl_fields() == {}
     fields = CB.trl_fields()
     assert fields["use_transformers_continuous_batching"] and fields["transformers_continuous_batching_config"]["num_blocks"] == 32
@@ -187,6 +191,54 @@ def test_grpo_rollouts_take_the_engine_as_trl_fields():
     colocate = Engine("vllm", vllm={"gpu_memory_utilization": 0.4, "enable_sleep_mode": True}).trl_fields()
     assert colocate["vllm_mode"] == "colocate" and colocate["vllm_gpu_memory_utilization"] == 0.4
     assert colocate["vllm_enable_sleep_mode"] and Engine("vllm").sampler == "generate"
+
+    # the server the sbatch scripts started comes through the environment (the config hash stays put)
+    monkeypatch.setenv(generation.SERVER_ENV, "http://gpu-a01:8123")
+    started = Engine("vllm", vllm={"mode": "server", "server_host": "elsewhere"})
+    assert started.trl_fields()["vllm_server_base_url"] == started.server_url == "http://gpu-a01:8123"
+
+
+def test_a_server_mode_stage_waits_for_the_server_and_names_the_fix_when_none_answers(monkeypatch):
+    """The health route answers after a delay (refused, then 503, then 200): the wait returns.
+    A closed port: a bounded wait, then an error naming the address, the timeout field and what
+    to check."""
+    ready_at = time.monotonic() + 0.6
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" and time.monotonic() >= ready_at else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health, bind_and_activate=False)
+    server.server_bind()  # the port is taken, and refuses connections until the server listens
+
+    def serve():
+        time.sleep(0.3)
+        server.server_activate()
+        server.serve_forever(poll_interval=0.05)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        waited = generation.wait_for_server(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=20, interval_s=0.1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 0.6 <= waited < 10
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv(generation.SERVER_ENV, raising=False)
+    engine = Engine("vllm", vllm={"mode": "server", "server_host": "127.0.0.1", "server_port": port, "server_timeout_s": 0.5})
+    start = time.monotonic()
+    with pytest.raises(generation.ServerUnavailable, match=rf"no vLLM server answered at 127.0.0.1:{port} .* within "
+                       r"generation.vllm.server_timeout_s=0.5s .*Check the server's log .*`trl vllm-serve"):
+        engine.wait_for_server()
+    assert time.monotonic() - start < 5
+    Engine().wait_for_server()  # not server mode: returns at once
 
 
 @pytest.mark.parametrize("engine, message", [
