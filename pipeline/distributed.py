@@ -6,6 +6,7 @@ thing, and only the main process writes manifests, reports and final/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from functools import cache
@@ -74,3 +75,25 @@ def to_device_unless_sharded(model):
     prompt filter) on this process's device, as the Trainer would; under ZeRO/FSDP it stays where
     it is, for the launcher to partition (sampling then runs on the CPU)."""
     return model if launcher_sharding() else model.to(state().device)
+
+
+def is_partitioned(model) -> bool:
+    """Whether ZeRO-3 partitioned the model's parameters when it was loaded (from_pretrained does
+    once the stage's TrainingArguments exist under a ZeRO-3 launch)."""
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def gathered(model):
+    """A context in which a ZeRO-3-partitioned model is whole on every rank (deepspeed's
+    GatheredParameters), for the sampling a stage does before its Trainer exists; a no-op for a
+    model that is not partitioned."""
+    if not is_partitioned(model):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def resident_parameter_bytes(model) -> int:
+    """The bytes of the model's parameters this process holds: its ZeRO-3 shard when partitioned."""
+    return sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in model.parameters())

@@ -15,9 +15,10 @@ loss covers the assistant's tokens only. final/ is handed off like sft's.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import is_conversational
@@ -102,6 +103,22 @@ def reference_kind(trainer, args: DPOConfig) -> str:
     if args.precompute_ref_log_probs:
         return "precomputed"
     return "model" if trainer.ref_model is not None else "adapter_disabled"
+
+
+PAIRS_DIR = "pairs"  # the stage's training and evaluation pairs, as datasets on disk
+
+
+def on_disk(datasets: dict[str, Dataset], directory: Path) -> dict[str, Dataset]:
+    """The datasets saved under `directory` by the main process and loaded back by every rank.
+    TRL writes the precomputed reference log-probs to a cache file beside a dataset's own files
+    and every rank reads rank 0's; an in-memory dataset's cache goes to a temporary directory of
+    each process, where the other ranks cannot find it."""
+    if distributed.is_main_process():
+        shutil.rmtree(directory, ignore_errors=True)
+        for name, dataset in datasets.items():
+            dataset.save_to_disk(str(directory / name))
+    distributed.barrier()
+    return {name: load_from_disk(str(directory / name)) for name in datasets}
 
 
 def check_data(cfg, task) -> None:
@@ -191,14 +208,17 @@ def implicit_rewards(trainer: DPOTrainer, pairs: str, prefix: str) -> dict[str, 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
     tokenizer = load_chat_tokenizer(ctx.input_path, ctx.trust_remote_code)
+    # the arguments before the model: under a ZeRO-3 launch from_pretrained then loads it partitioned
+    args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments(reference=True))
     model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation(), ctx.policy_dtype())
+    weights_at_load = distributed.resident_parameter_bytes(model)
     restrict_trainable(model, ctx.stage_cfg, "dpo")
     peft_config = build_peft_config(ctx.peft, model)
     set_router_aux_loss(model, ctx.peft.method != "prefix")  # see router_aux_loss_coef below
     train_data, eval_data = conversational_pairs(ctx.task.preference_pairs(), int(cfg.eval_pairs))
     if cfg.pairs == "on_policy":
         model = distributed.to_device_unless_sharded(model)
-        with ctx.autocast():
+        with ctx.autocast(), distributed.gathered(model):
             pairs, _ = policy_pairs.sample_pairs(model, tokenizer, ctx.task, cfg, ctx.seed)
         pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]
         log(f"stage dpo: {len(pairs)} on-policy pairs from {cfg.pair_prompts} prompts x {cfg.samples_per_prompt} samples")
@@ -207,9 +227,15 @@ def run(ctx) -> dict[str, float]:
                                "samples_per_prompt or sample_temperature, or use stages.dpo.pairs=task")
         train_data = Dataset.from_list(first_step_pairs(pairs, tokenizer)) if cfg.step_level else conversational_pairs(pairs, 0)[0]
     train_probe = train_data.select(range(min(len(train_data), int(cfg.eval_pairs))))
-    args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments(reference=True))
+    if args.precompute_ref_log_probs:
+        saved = on_disk({"train": train_data, "eval": eval_data, "train_probe": train_probe}, ctx.stage_dir / PAIRS_DIR)
+        train_data, eval_data, train_probe = saved["train"], saved["eval"], saved["train_probe"]
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.optim, train_probe)
-    before = implicit_rewards(trainer, "train_probe", "train_probe_before")
+    # An evaluation before training leaves transformers' Trainer with an inference engine under
+    # DeepSpeed, and its train() then fails (found with 2-process ZeRO-3 on this machine): the
+    # probe's starting values are not measured there.
+    unmeasured = dict.fromkeys(("train_probe_before_reward_margin", "train_probe_before_loss"), float("nan"))
+    before = unmeasured if distributed.deepspeed_config() else implicit_rewards(trainer, "train_probe", "train_probe_before")
     train_output = preemption.train(trainer, ctx)
     after = {**implicit_rewards(trainer, "train_probe", "train_probe"), **implicit_rewards(trainer, "eval", "eval")}
 
@@ -238,5 +264,6 @@ def run(ctx) -> dict[str, float]:
         "trainable_parameters": trainable,
         **trainer_settings.reference_dtype(trainer),
         "reference": reference_kind(trainer, args),
+        "weights_mb_at_load": weights_at_load / 2**20,
         "total_parameters": total,
     }

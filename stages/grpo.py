@@ -200,8 +200,9 @@ def training_prompts(model, tokenizer, ctx) -> tuple[Dataset, dict[str, float]]:
     options = dict(samples=int(cfg.filter_samples), temperature=float(cfg.temperature), max_new_tokens=int(cfg.max_new_tokens),
                    batch_size=int(cfg.eval_batch_size), seed=int(ctx.cfg.seed))
     per_step = int(cfg.batch_size * cfg.grad_accum * distributed.world_size()) // int(cfg.num_generations)
-    return selected_prompts(data, lambda rows: prompt_pass_rates(model, tokenizer, ctx.task, rows, **options),
-                            ctx.stage_dir / FILTER_FILE, float(cfg.filter_max_pass_rate), per_step)
+    with distributed.gathered(model):  # whole on every rank for sampling, under ZeRO-3
+        return selected_prompts(data, lambda rows: prompt_pass_rates(model, tokenizer, ctx.task, rows, **options),
+                                ctx.stage_dir / FILTER_FILE, float(cfg.filter_max_pass_rate), per_step)
 
 
 def pass_rate_curve(ctx, tokenizer) -> PassRateCurve:
@@ -225,14 +226,17 @@ def run(ctx) -> dict[str, float]:
     trust = ctx.trust_remote_code
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     tokenizer.padding_side = "left"  # TRL generates from left-padded prompts
-    model = load_model(str(ctx.input_path.resolve()), trust, ctx.attn_implementation(), ctx.policy_dtype())
-    # (resolved: TRL reloads the reference from it)
-    set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
-    restrict_trainable(model, cfg, "grpo")
-    peft_config = build_peft_config(ctx.peft, model)
+    # a reward model that scores loads whole, before the arguments; the policy after them: under a
+    # ZeRO-3 launch from_pretrained then loads it partitioned (TRL builds the reference after too)
     reward_funcs = rewards.build(cfg, "grpo", ctx.task, ctx.run_dir, trust, int(cfg.eval_batch_size), ctx.forward_dtype())
     args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, reward_funcs[1], ctx.shared_arguments(reference=True),
                          ctx.generation)
+    model = load_model(str(ctx.input_path.resolve()), trust, ctx.attn_implementation(), ctx.policy_dtype())
+    # (resolved: TRL reloads the reference from it)
+    weights_at_load = distributed.resident_parameter_bytes(model)
+    set_router_aux_loss(model, False)  # TRL asks for router logits per forward when it needs the aux loss
+    restrict_trainable(model, cfg, "grpo")
+    peft_config = build_peft_config(ctx.peft, model)
     if cfg.filter_samples:
         model = distributed.to_device_unless_sharded(model)
     with ctx.autocast():
@@ -259,6 +263,7 @@ def run(ctx) -> dict[str, float]:
         "trainable_parameters": trainable,
         "total_parameters": total,
         **trainer_settings.reference_dtype(trainer),
+        "weights_mb_at_load": weights_at_load / 2**20,
         **filter_metrics,
     }
     if curve:

@@ -100,14 +100,15 @@ def validate(cfg, input_path: Path | None) -> None:
                           "would render no tool calls; set stages.pretrain.tokenizer_tools=true (preset=demo_tools does)")
 
 
-def setup_tokenizer_and_model(ctx):
-    """From the input checkpoint (stages.pretrain.init or model.path), or new from config."""
+def setup_tokenizer(ctx):
+    """The input checkpoint's tokenizer (stages.pretrain.init or model.path), or one trained on
+    the task's texts for a model built from config."""
     source = ctx.input_path
     if source:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=ctx.trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer, load_model(str(source), ctx.trust_remote_code, ctx.attn_implementation())
+        return tokenizer
     tokenizer_dir = ctx.stage_dir / "tokenizer"
     need_tokenizer = not (tokenizer_dir / "tokenizer.json").exists()  # a resumed run reuses the first run's
     distributed.barrier()  # every rank has looked before the main process writes
@@ -120,19 +121,29 @@ def setup_tokenizer_and_model(ctx):
             tokenizer.save_pretrained(tmp)
             tmp.replace(tokenizer_dir)
         distributed.barrier()
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return tokenizer, build_model(ctx.model, tokenizer, ctx.attn_implementation())
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def setup_model(ctx, tokenizer):
+    """The input checkpoint, or a model built from config sized to the tokenizer. Called after
+    the TrainingArguments exist, so that under a ZeRO-3 launch transformers partitions it as it
+    loads or builds it."""
+    if ctx.input_path:
+        return load_model(str(ctx.input_path), ctx.trust_remote_code, ctx.attn_implementation())
+    return build_model(ctx.model, tokenizer, ctx.attn_implementation())
 
 
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
-    tokenizer, model = setup_tokenizer_and_model(ctx)
-    set_router_aux_loss(model, True)
+    tokenizer = setup_tokenizer(ctx)
     train_data = pack(tokenizer, ctx.task.pretrain_texts(), cfg.seq_len)
     eval_data = pack(tokenizer, ctx.task.eval_texts(), cfg.seq_len)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * distributed.world_size()
     throughput, optimizer_state = Throughput(tokens_per_step), OptimizerStateSize()
     args = build_training_args(TrainingArguments, cfg, ctx.optim, None, ctx.stage_dir, ctx.seed, ctx.shared_arguments())
+    model = setup_model(ctx, tokenizer)
+    weights_at_load = distributed.resident_parameter_bytes(model)
+    set_router_aux_loss(model, True)
     trainer = LMTrainer(
         model=model,
         args=args,
@@ -172,6 +183,7 @@ def run(ctx) -> dict[str, float]:
         "train_steps": trainer.state.global_step,
         "train_epochs": trainer.state.epoch,
         "world_size": distributed.world_size(),
+        "weights_mb_at_load": weights_at_load / 2**20,
         "resumed_at_step": throughput.start_step,
         "train_tokens": trainer.state.global_step * tokens_per_step,
         "tokens_per_second": throughput.tokens_per_second,

@@ -112,16 +112,18 @@ def run(ctx) -> dict[str, float]:
     tokenizer = load_chat_tokenizer(ctx.input_path, trust)
     train_data, evals, pair_counts = training_pairs(ctx, tokenizer)  # before the model: one model in memory at a time
     eval_data = evals.get("on_policy", evals["task"])  # the trainer's eval_loss: the kind it trains on
+    # the arguments before the model: under a ZeRO-3 launch from_pretrained then loads it partitioned
+    args = build_training_args(RewardConfig, cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments(),
+                               max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient)
     # the score head is new: seeded by RewardTrainer (set_seed(args.seed)) only for string models
     torch.manual_seed(ctx.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         ctx.input_path, num_labels=1, trust_remote_code=trust, dtype=torch.float32,
         attn_implementation=ctx.attn_implementation(),
     )
+    weights_at_load = distributed.resident_parameter_bytes(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     set_router_aux_loss(model, False)  # the sequence-classification head adds no aux loss
-    args = build_training_args(RewardConfig, cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments(),
-                               max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient)
     trainer = StageRewardTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,
         peft_config=build_peft_config(ctx.peft, model, task_type="SEQ_CLS"),
@@ -167,5 +169,6 @@ def run(ctx) -> dict[str, float]:
         **pair_counts,
         "train_runtime_s": train_output.metrics.get("train_runtime", 0.0),
         "trainable_parameters": trainable,
+        "weights_mb_at_load": weights_at_load / 2**20,
         "total_parameters": total,
     }

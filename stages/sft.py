@@ -241,13 +241,15 @@ def build_trainer(
 def run(ctx) -> dict[str, float]:
     cfg = ctx.stage_cfg
     tokenizer = load_chat_tokenizer(ctx.input_path, ctx.trust_remote_code)
-    model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation(), ctx.policy_dtype())
-    # (resolved: the adapter records its base)
-    peft_config = build_peft_config(ctx.peft, model)
-    set_router_aux_loss(model, True)
     train_data, eval_data = build_datasets(tokenizer, ctx.task, cfg, ctx.seed)
     log_truncation(train_data, cfg, ctx.name)
+    # the arguments before the model: under a ZeRO-3 launch from_pretrained then loads it partitioned
     args = training_args(cfg, ctx.optim, ctx.peft, ctx.stage_dir, ctx.seed, ctx.shared_arguments())
+    model = load_model(str(ctx.input_path.resolve()), ctx.trust_remote_code, ctx.attn_implementation(), ctx.policy_dtype())
+    # (resolved: the adapter records its base)
+    weights_at_load = distributed.resident_parameter_bytes(model)
+    peft_config = build_peft_config(ctx.peft, model)
+    set_router_aux_loss(model, True)
     trainer = build_trainer(model, tokenizer, train_data, eval_data, args, peft_config, ctx.optim)
     train_output = preemption.train(trainer, ctx)
     eval_metrics = trainer.evaluate()
@@ -273,6 +275,7 @@ def run(ctx) -> dict[str, float]:
         "train_examples": len(trainer.train_dataset),  # after TRL's truncation drops
         "train_tokens": tokens,
         "tokens_per_second": tokens / runtime if runtime else 0.0,
+        "weights_mb_at_load": weights_at_load / 2**20,
         "train_runtime_s": runtime,
         "trainable_parameters": trainable,
         "total_parameters": total,

@@ -58,7 +58,12 @@ def test_zero_two_processes(tmp_path, smoke_pretrain_run, smoke_muon_run, stage,
     metrics = pretrain_under_zero(stage, tmp_path / "run", f"optim={optim}")
     assert metrics["train_steps"] == STEPS and metrics["train_loss"] < metrics["train_loss_first"]
     single_run = smoke_muon_run if optim == "muon" else smoke_pretrain_run
-    assert_half_the_optimizer_state(metrics, json.loads((single_run / "pretrain" / "metrics.json").read_text()))
+    single = json.loads((single_run / "pretrain" / "metrics.json").read_text())
+    assert_half_the_optimizer_state(metrics, single)
+    if stage == 3:  # built after its arguments, so partitioned as it was built: each rank holds half
+        assert 0.45 < metrics["weights_mb_at_load"] / single["weights_mb_at_load"] < 0.56, (metrics, single)
+    else:
+        assert metrics["weights_mb_at_load"] == single["weights_mb_at_load"]
     assert_final_is_plain_hf(tmp_path / "run")
 
 
@@ -96,3 +101,22 @@ def test_muon_under_zero_takes_the_single_process_steps(tmp_path, stage):
         moved = torch.cat([single[n].flatten() for n in names]).norm()
         assert moved > 0 and difference / moved < tolerance.get(role, 5e-3), role
     assert EXPERT_MUON in roles.values()
+
+
+@pytest.mark.distributed
+def test_post_training_chain_under_zero3_loads_partitioned(tmp_path, smoke_pretrain_run):
+    """sft -> dpo (on-policy pairs, precomputed reference) -> grpo (prompt filter) under ZeRO-3:
+    each stage builds its arguments first, so every rank loads half the policy, and the sampling
+    done before a Trainer exists gathers it."""
+    run_dir = tmp_path / "run"
+    run_accelerate("zero3", "-m", "pipeline", "preset=smoke", f"run.dir={run_dir}", "run.stages=[sft,dpo,grpo]",
+                   f"stages.sft.init={smoke_pretrain_run / 'pretrain' / 'final'}", "stages.sft.max_steps=4",
+                   "stages.dpo.max_steps=4", "stages.dpo.pair_prompts=16", "stages.grpo.max_steps=2",
+                   "stages.grpo.filter_samples=2")
+    whole_mb = 1_808_640 * 4 / 2**20
+    for stage in ("sft", "dpo", "grpo"):
+        metrics = json.loads((run_dir / stage / "metrics.json").read_text())
+        assert 0.45 < metrics["weights_mb_at_load"] / whole_mb < 0.56, (stage, metrics["weights_mb_at_load"])
+        assert metrics["total_parameters"] == 1_808_640
+    dpo = json.loads((run_dir / "dpo" / "metrics.json").read_text())
+    assert dpo["reference"] == "precomputed" and "reference_dtype" not in dpo
