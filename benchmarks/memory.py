@@ -47,7 +47,8 @@ The table, per model and stage:
             saved_tensors_hooks, each storage counted once, parameters not counted), plus the
             layer inputs that non-reentrant activation checkpointing keeps, plus one decoder
             layer's recomputed activations (per token from the `act` probe below)
-  base      RSS of a process that only imports torch, transformers and trl (measured here)
+  base      RSS of a process that only imports what a stage process imports before it loads a
+            model (torch, transformers, trl, the pipeline's runner and stage modules; measured here)
   required  the sum; ratio = peak / required
   at        the phase of the stage during which the peak was reached (from RSS sampled every
             50 ms and phase marks the stage process records)
@@ -435,6 +436,18 @@ def build_checkpoint(name: str, directory: Path) -> None:
     tmp.replace(directory)
 
 
+def bf16_copy(model_dir: Path, env: dict[str, str], rss_limit: int, min_available: int) -> Path:
+    """model_dir's checkpoint saved in bf16 beside it (built once, in a child process)."""
+    target = model_dir.with_name(model_dir.name + "-bf16")
+    if not (target / "config.json").is_file():
+        code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+                "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16); m.save_pretrained(sys.argv[2]); "
+                "AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])")
+        run_child([sys.executable, "-c", code, str(model_dir), str(target)], target.with_suffix(".log"), env, rss_limit,
+                  min_available)
+    return target
+
+
 def activation_probe(model_dir: Path, out: Path, tokens: int = 128, batch: int = 2) -> None:
     """(child) One forward + backward of batch x tokens in fp32, with activation checkpointing off
     and on: the saved-tensor bytes inside the decoder layers and outside them, the checkpointed
@@ -535,9 +548,15 @@ class Row:
     act_detail: dict = field(default_factory=dict)
     phases: list = field(default_factory=list)
 
+    transients: int = 0  # the formula's step transients (docs/memory.md findings 2 and 3)
+
     @property
     def required(self) -> int:
         return self.weights + self.grads + self.optim + self.ref + self.act + self.base
+
+    @property
+    def formula(self) -> int:
+        return self.required + self.transients
 
     @property
     def ratio(self) -> float:
@@ -578,12 +597,32 @@ def peak_phase(phases: list[dict], samples: list[tuple[float, int, int]], peak: 
     return inner["name"] + (f" (in {outer[-1]})" if outer and outer[-1] != inner["name"] else "")
 
 
+LM_HEAD_STAGES = ("sft", "sft_lora", "dpo", "grpo")  # TRL's chunked LM head (trl.trainer.utils, chunk 32,768)
+HEAD_CHUNK, HEAD_TILES = 32768, 7
+
+
+def step_transients(row: Row, config: dict) -> int:
+    """The formula's transients of one training step (docs/memory.md): a tied embedding trained in
+    full holds a second full-size gradient in backward (V h 4 bytes, finding 2); TRL's chunked
+    LM head on a CPU holds about 7 tiles of min(T, 4096) x 32,768 fp32 entries (finding 3)."""
+    vocab, hidden = int(config["vocab_size"]), int(config["hidden_size"])
+    tied = config.get("tie_word_embeddings", False) and not row.stage.endswith("_lora")
+    tokens = int(row.act_detail.get("tokens", 0))
+    head = HEAD_TILES * min(tokens, 4096) * HEAD_CHUNK * 4 if row.stage in LM_HEAD_STAGES else 0
+    return (vocab * hidden * 4 if tied else 0) + head
+
+
 def account(row: Row, metrics: dict, probe: dict, act_probe: dict | None, base: int) -> None:
     """Fill row's components from the stage's metrics.json and its probe record."""
     total = int(metrics.get("total_parameters", 0))
     trainable = int(metrics.get("trainable_parameters", total))
     row.total_params, row.trainable_params = total, trainable
-    row.weights, row.grads, row.optim = 4 * total, 4 * trainable, 8 * trainable
+    # the model as loaded, in its dtype (a LoRA base in bf16 from a bf16 checkpoint under bf16),
+    # plus an adapter's fp32 weights; 4 bytes per parameter when the stage does not report it
+    adapter = trainable if row.stage.endswith("_lora") else 0
+    loaded = metrics.get("weights_mb_at_load")
+    row.weights = int(loaded * 2**20) + 4 * adapter if loaded is not None else 4 * total
+    row.grads, row.optim = 4 * trainable, 8 * trainable
     ref_dtype = metrics.get("reference_dtype")
     if ref_dtype:
         row.ref_dtype = ref_dtype
@@ -611,17 +650,19 @@ def gib(x: float) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["model", "stage", "prec", "peak", "(file)", "weights", "grads", "optim", "ref", "act", "base", "required", "ratio", "wall s", "peak at"]
+    head = ["model", "stage", "prec", "peak", "(file)", "weights", "grads", "optim", "ref", "act", "base", "required", "ratio",
+            "+transients", "peak/formula", "wall s", "peak at"]
     lines = []
     for r in rows:
         if r.note and not r.peak:
-            lines.append([r.model, r.stage, r.precision, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", f"{r.seconds:.0f}", r.note])
+            lines.append([r.model, r.stage, r.precision, *["-"] * 12, f"{r.seconds:.0f}", r.note])
             continue
         lines.append([r.model, r.stage, r.precision, gib(r.peak), gib(r.peak_file), gib(r.weights), gib(r.grads), gib(r.optim),
                       gib(r.ref) + (f" {SHORT.get(r.ref_dtype, r.ref_dtype)}" if r.ref else ""), gib(r.act), gib(r.base), gib(r.required),
-                      f"{r.ratio:.2f}", f"{r.seconds:.0f}", r.at + (f"; {r.note}" if r.note else "")])
+                      f"{r.ratio:.2f}", gib(r.formula), f"{r.peak / r.formula:.2f}" if r.formula else "-", f"{r.seconds:.0f}",
+                      r.at + (f"; {r.note}" if r.note else "")])
     widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
-    fmt = lambda cells: " | ".join(str(c).ljust(w) if i in (0, 1, 2, 14) else str(c).rjust(w)  # noqa: E731
+    fmt = lambda cells: " | ".join(str(c).ljust(w) if i in (0, 1, 2, 16) else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths), *map(fmt, lines)])
 
@@ -645,6 +686,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "memory_bench")
     parser.add_argument("--keep-runs", action="store_true", help="keep each stage's run dir (about 10 GB per 0.6b stage)")
     parser.add_argument("--rss-limit-gib", type=float, default=17.0)
+    parser.add_argument("--table-from", type=Path, metavar="RESULTS_JSON",
+                        help="print the table of an earlier run's results.json (no stage runs)")
     parser.add_argument("--_build", nargs=2, metavar=("MODEL", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--_act", nargs=2, metavar=("MODEL_DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -653,6 +696,17 @@ def main() -> int:
         return 0
     if args._act:
         activation_probe(Path(args._act[0]), Path(args._act[1]))
+        return 0
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        fields = set(Row.__dataclass_fields__)
+        rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in saved["rows"]]
+        for row in rows:
+            config = args.table_from.parent / "models" / (row.model + ("-bf16" if row.stage.endswith("_lora") and row.precision == "bf16" else ""))
+            if row.peak and (config / "config.json").is_file():
+                row.transients = step_transients(row, json.loads((config / "config.json").read_text()))
+        print(f"memory: {saved['date']}; {saved['versions']}; {len(rows)} stage runs in {saved['wall_s'] / 60:.1f} min\n")
+        print(format_table(rows))
         return 0
 
     models = [m for m in args.models.split(",") if m]
@@ -678,7 +732,7 @@ def main() -> int:
     base_run = run_child([python, "-c", "import torch, transformers, trl"], out / "logs" / "baseline.log", env, rss_limit, min_available)
     pipeline_run = run_child([python, "-c", "import pipeline.runner, stages.sft, stages.grpo, stages.dpo, stages.reward"],
                              out / "logs" / "baseline_pipeline.log", env, rss_limit, min_available)
-    base = base_run.peak
+    base = pipeline_run.peak  # a stage process imports these before it loads a model
     print(f"memory: baseline RSS: import torch+transformers+trl {gib(base)} GiB; + the pipeline's stage modules "
           f"{gib(pipeline_run.peak)} GiB", flush=True)
 
@@ -715,6 +769,10 @@ def main() -> int:
         jobs = [(s, "fp32") for s in stages if s != "act"] + [(s, "bf16") for m, s in bf16 if s in stages and m in (None, model)]
         for stage, precision in jobs:
             label = f"{model}-{stage}-{precision}"
+            model_dir = out / "models" / model
+            if precision == "bf16" and stage.endswith("_lora"):
+                # the frozen base loads in bf16 only from a bf16 checkpoint (a hub model's dtype)
+                model_dir = bf16_copy(out / "models" / model, env, rss_limit, min_available)
             run_dir = out / "runs" / label
             shutil.rmtree(run_dir, ignore_errors=True)
             probe_file = out / "probe" / f"{label}.json"
@@ -744,6 +802,7 @@ def main() -> int:
             else:
                 metrics = json.loads(metrics_file.read_text())
                 account(row, metrics, probe, act_probes.get(model), base)
+                row.transients = step_transients(row, json.loads((model_dir / "config.json").read_text()))
                 shutil.copy(metrics_file, out / "logs" / f"{label}.metrics.json")
             rows.append(row)
             if not args.keep_runs:
@@ -757,7 +816,7 @@ def main() -> int:
     total = time.time() - started
     table = format_table(rows)
     print(f"\nmemory: {len(rows)} stage runs in {total:.0f} s ({total / 60:.1f} min) wall; GiB = 2^30 bytes; "
-          f"base = import torch+transformers+trl\n")
+          f"base = import of the pipeline's stage modules\n")
     print(table)
     for r in rows:
         if r.act_detail:
@@ -770,7 +829,7 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(), "wall_s": total,
         "baseline": base, "baseline_pipeline": pipeline_run.peak, "activation_probes": act_probes,
-        "rows": [dict(r.__dict__, required=r.required, ratio=r.ratio) for r in rows]}, indent=1, default=str))
+        "rows": [dict(r.__dict__, required=r.required, ratio=r.ratio, formula=r.formula) for r in rows]}, indent=1, default=str))
     (out / "table.txt").write_text(table + "\n")
     print(f"\nmemory: results in {out / 'results.json'}, logs in {out / 'logs'}")
     return 0 if all(not r.note or r.peak for r in rows) else 1
