@@ -80,7 +80,8 @@ def to_device_unless_sharded(model):
 def is_partitioned(model) -> bool:
     """Whether ZeRO-3 partitioned the model's parameters when it was loaded (from_pretrained does
     once the stage's TrainingArguments exist under a ZeRO-3 launch)."""
-    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+    parameters = getattr(model, "parameters", None)
+    return parameters is not None and any(hasattr(p, "ds_tensor") for p in parameters())
 
 
 def gathered(model):

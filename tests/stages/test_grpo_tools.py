@@ -191,7 +191,8 @@ def test_the_embedded_model_trains_with_the_calculator_and_is_measured_with_it(t
     run = tmp_path / "run"
     done = run_cli("preset=smoke", f"run.dir={run}", "run.stages=[pretrain,sft,grpo,test_time]", "trainer.report_to=none",
                    "task.calculator=true", "task.eval_min_operands=5", "task.eval_max_operands=6",
-                   "stages.pretrain.tokenizer_tools=true", "stages.sft.tools_from=grpo", "stages.grpo.max_new_tokens=48",
+                   "stages.pretrain.tokenizer_tools=true", "stages.pretrain.max_steps=10", "stages.sft.tools_from=grpo",
+                   "stages.grpo.max_new_tokens=48",
                    "+stages.grpo.tools.calculator=pipeline.tasks.arithmetic:calculator",
                    "stages.grpo.max_tool_calling_iterations=2", "stages.test_time.methods=[greedy,sample]")
     tokenizer = load_chat_tokenizer(run / "pretrain" / "final")

@@ -102,14 +102,17 @@ def test_moe_chain_killed_in_every_training_stage_equals_the_uninterrupted_run(s
 
 
 def test_dense_model_and_lora_killed_mid_stage_equal_the_uninterrupted_run(smoke_chain_run, tmp_path):
-    dense = ["preset=smoke", "model=tiny_dense", "run.stages=[pretrain,sft]"]
+    # 15 steps each (the smoke preset's 30 and 40 are not needed to cut a stage after checkpoint-10)
+    dense = ["preset=smoke", "model=tiny_dense", "run.stages=[pretrain,sft]", "stages.pretrain.max_steps=15",
+             "stages.sft.max_steps=15"]
     run_cli(*dense, f"run.dir={tmp_path / 'dense'}")
     kills = [("pretrain", 5, 10), ("sft", 5, 10)]
     kill_in_each_then_finish(killed_run_args(dense, tmp_path / "dense-killed", kills), tmp_path / "dense-killed", kills)
     for stage in ("pretrain", "sft"):
         assert_same_weights(tmp_path / "dense-killed" / stage / "final", tmp_path / "dense" / stage / "final")
 
-    lora = ["preset=smoke", "peft=lora", "run.stages=[sft]", f"stages.sft.init={smoke_chain_run / 'pretrain' / 'final'}"]
+    lora = ["preset=smoke", "peft=lora", "run.stages=[sft]", "stages.sft.max_steps=15",
+            f"stages.sft.init={smoke_chain_run / 'pretrain' / 'final'}"]
     run_cli(*lora, f"run.dir={tmp_path / 'lora'}")
     kills = [("sft", 5, 10)]
     kill_in_each_then_finish(killed_run_args(lora, tmp_path / "lora-killed", kills), tmp_path / "lora-killed", kills)
