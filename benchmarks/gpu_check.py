@@ -38,6 +38,9 @@ step clock this script adds to each Trainer):
                 the steps' time minus generation, i.e. the MFU of its training part.
   gen           share of grpo's training_step time spent generating (`generation_share`).
   peak GiB      torch.cuda.max_memory_allocated() during the stage (reset before each).
+A second table sets each training stage's peak beside its model states from docs/memory.md's
+formula (weights as loaded, gradients, AdamW state, reference), as benchmarks/memory.py does for
+host memory on a CPU.
 
 Expected time on one H100 SXM (989 TFLOP/s bf16), from FLOPs: training is 6N x 4.9M pretrain
 tokens + 6N x ~1.1M sft tokens + 8N x ~0.5M grpo rollout tokens = 1.3e16 + 3.0e15 + 1.7e15 ~
@@ -384,6 +387,31 @@ def rows_and_notes(runs: dict[str, StageRun], cfg: DictConfig, run_dir: Path,
     return rows, notes
 
 
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def memory_table(runs: dict[str, StageRun]) -> str:
+    """Per training stage, the CUDA allocator's peak beside the model states docs/memory.md's
+    formula gives (the benchmarks/memory.py table's columns): the weights as the stage loaded them
+    (metrics.json weights_mb_at_load), fp32 gradients and AdamW's two moments of the trained
+    parameters, and the frozen reference in its dtype. Activations, the KV cache and the step
+    transients are the rest of the peak."""
+    lines = ["stage      peak GiB  weights  grads  optim  ref    states  peak/states"]
+    for name, run in runs.items():
+        m = run.metrics
+        if "weights_mb_at_load" not in m:
+            continue
+        total, trainable = int(m["total_parameters"]), int(m["trainable_parameters"])
+        weights = m["weights_mb_at_load"] * 2**20 / 2**30
+        grads, optim = 4 * trainable / 2**30, 8 * trainable / 2**30
+        ref = BYTES.get(m.get("reference_dtype", ""), 0) * total / 2**30
+        states = weights + grads + optim + ref
+        peak = "n/a" if run.peak_gib is None else f"{run.peak_gib:.2f}"
+        ratio = "n/a" if run.peak_gib is None else f"{run.peak_gib / states:.2f}"
+        lines.append(f"{name:<10} {peak:>8} {weights:>8.2f} {grads:>6.2f} {optim:>6.2f} {ref:>5.2f} {states:>7.2f} {ratio:>12}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -428,6 +456,7 @@ def main() -> int:
               f"precision {pretrain.get('mixed_precision')}; torch {torch.__version__}; {where}")
         print(f"total {total:.0f} s; stage wall times: " + ", ".join(f"{r.name} {r.wall_s:.0f} s" for r in runs.values()))
         print("\n" + format_table(rows) + "\n")
+        print("memory (GiB; states = weights + grads + optim + ref, docs/memory.md):\n" + memory_table(runs) + "\n")
         for note in notes:
             print("note: " + note)
     return 0

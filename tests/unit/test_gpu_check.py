@@ -72,6 +72,12 @@ def test_cpu_dry_run_prints_every_stage(tmp_path):
         assert int(rows[stage]["steps"]) > 0
         assert (run_dir / stage / "final" / "config.json").is_file(), f"{stage}/final/ missing"
     assert 0 < number(rows["grpo"]["gen"]) <= 100, rows["grpo"]
+    memory = proc.stdout.split("memory (GiB;")[1].splitlines()[2:5]  # the training stages' rows
+    assert [line.split()[0] for line in memory] == ["pretrain", "sft", "grpo"], memory
+    for line in memory:
+        peak, weights, grads, optim, ref, states, ratio = line.split()[1:]
+        assert peak == ratio == "n/a" and float(states) == pytest.approx(float(weights) + float(grads) + float(optim) + float(ref), abs=0.02)
+        assert float(optim) == pytest.approx(2 * float(grads), abs=0.01)
     # test_time evaluates only: no final/ (WRITES_FINAL = False), a completed manifest and metrics
     assert json.loads((run_dir / "test_time" / "stage.json").read_text())["status"] == "completed"
     assert (run_dir / "test_time" / "metrics.json").is_file()
