@@ -66,6 +66,19 @@ def test_chain_pretrain_sft_grpo_in_one_command(chain):
     assert model.generation_config.eos_token_id == stop_token_ids(load_chat_tokenizer(final))
 
 
+def test_beta_zero_holds_no_reference_model(chain, tmp_path):
+    """beta 0 (no KL term): TRL builds no reference, so full fine-tuning holds one model."""
+    cfg = compose_config(["preset=smoke", "stages.grpo.beta=0"])
+    stage_cfg, task = cfg.stages.grpo, build_task(cfg.task)
+    sft_final = chain / "sft" / "final"
+    tokenizer = load_chat_tokenizer(sft_final)
+    model = load_model(str(sft_final.resolve()))
+    reward_funcs = rewards.build(stage_cfg, "grpo", task, chain, False, 1)
+    args = training_args(stage_cfg, cfg.optim, cfg.peft, tmp_path, cfg.seed, reward_funcs[1])
+    trainer = build_trainer(model, tokenizer, build_dataset(task), args, reward_funcs, stage_cfg, None, cfg.optim)
+    assert trainer.ref_model is None
+
+
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_policy_moves_and_reference_does_not(chain, tmp_path, peft):
     cfg = compose_config(["preset=smoke", f"peft={peft}", "stages.grpo.max_steps=2", "stages.grpo.beta=0.1",
