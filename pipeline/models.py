@@ -242,9 +242,8 @@ def restrict_trainable(model: torch.nn.Module, stage_cfg, stage: str) -> int:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (a ZeRO-3-partitioned parameter counts whole)."""
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    return trainable, total
+    counts = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in counts if trains), sum(n for n, _ in counts)
 
 
 @contextlib.contextmanager
